@@ -1,0 +1,861 @@
+"""US-JEPA in one file: masked latent prediction on ultrasound with a frozen teacher (the SALT recipe).
+
+The idea in five lines:
+  1. A teacher ViT is trained first (stage 1, MAE-style pixel reconstruction) and then frozen for good.
+  2. A student ViT sees only a context block of an image's patches.
+  3. A narrow predictor takes the student's context tokens plus mask tokens at 4 target blocks and
+     regresses the teacher's (layer-normed) features there: Smooth-L1, student + predictor trained.
+  4. Targets never depend on the student, so nothing can collapse and no EMA is needed.
+  5. The student is judged by a linear probe on frozen, mean-pooled features of labeled tasks.
+
+References: US-JEPA (arXiv 2602.19322), SALT (arXiv 2509.24317), I-JEPA (arXiv 2301.08243), MAE (2111.06377).
+Commands:
+  python us_jepa.py teacher     # stage 1: train a teacher on built-in synthetic ultrasound (or --data DIR)
+  python us_jepa.py pretrain    # stage 2: SALT student (trains a teacher first if none is found)
+  python us_jepa.py probe       # linear probe: student vs teacher vs random encoder vs pixel features
+Any command takes --help; every config field below is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
+"""
+import argparse, dataclasses, difflib, glob, json, math, os, sys, time
+from dataclasses import dataclass, field, fields, asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config: small dataclasses; the command line is generated from them; stored in every checkpoint.
+
+@dataclass
+class DataConfig:
+    data: str = ""                  # folder of images (searched recursively); "" = built-in synthetic
+    img_size: int = 96              # model input size in pixels (paper: 224)
+    n_images: int = 6000            # size of the synthetic pretraining pool (ignored with --data)
+    holdout: float = 0.05           # share of images held out to pick best.pt (paper D.1: 5 %)
+    crop_scale: tuple = (0.6, 1.0)  # RandomResizedCrop area range (paper)
+    augment: bool = True            # flips, blur, speckle, contrast (paper; strengths are ours)
+
+@dataclass
+class ModelConfig:
+    model: str = "vit_tiny"         # encoder width/heads: vit_tiny 192/3, vit_small 384/6, vit_base 768/12
+    depth: int = 6                  # encoder blocks (timm presets have 12; 6 keeps the CPU demo in minutes)
+    patch_size: int = 16            # pixels per patch side
+    pred_depth: int = 4             # predictor blocks (paper: 12); the stage-1 pixel decoder reuses these
+    pred_dim: int = 96              # predictor width (paper: 384)
+    pred_heads: int = 3             # predictor heads (not stated; 32 channels per head like the encoder)
+
+@dataclass
+class MaskConfig:
+    n_targets: int = 4              # target blocks per image (paper)
+    tgt_scale: tuple = (0.15, 0.25) # target block area / image (paper 0.075,0.125 is for a 14x14 grid)
+    tgt_aspect: tuple = (0.75, 1.5) # target block height/width (paper)
+    ctx_scale: tuple = (0.85, 1.0)  # context block area / image, before targets are removed (paper)
+    min_keep: int = 4               # fewest context patches (paper: 10 of 196; we have 36 patches)
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/pretrain"      # run folder: last.pt, best.pt, log.jsonl
+    teacher: str = "runs/teacher/best.pt"  # frozen teacher checkpoint (pretrain only)
+    steps: int = 600                # optimiser steps (fixed count, so schedules are reproducible)
+    epochs: float = 0.0             # if > 0, overrides steps: epochs x training images / batch_size
+    batch_size: int = 64            # images per step (paper: 128)
+    lr: float = 1e-3                # peak learning rate (paper: 5e-5 at batch 128, ViT-B)
+    start_lr: float = 1e-5          # learning rate at step 0, warmed up linearly to lr (paper: 5e-6)
+    final_lr: float = 1e-6          # learning rate at the end of the cosine (paper: 5e-7)
+    warmup: float = 0.1             # share of steps spent warming up (paper: 10 of 100 epochs)
+    wd: tuple = (0.04, 0.4)         # weight decay, cosine from first to second value (paper)
+    betas: tuple = (0.9, 0.95)      # AdamW betas (SALT)
+    clip: float = 1.0               # gradient-norm clip, 0 = off (not stated in US-JEPA)
+    loss: str = "smooth_l1"         # smooth_l1 (paper) | l1 (SALT) | l2
+    beta: float = 1.0               # Smooth-L1 transition point (not stated; torch's default)
+    log_every: int = 50             # steps between log lines
+    eval_every: int = 100           # steps between held-out evaluations (best.pt) and checkpoints
+    seed: int = 0                   # seeds init, data order, masks and augmentation
+    threads: int = 0                # torch CPU threads, 0 = torch's default
+    resume: bool = False            # continue the run in --out from last.pt
+
+@dataclass
+class ProbeConfig:
+    ckpt: str = "runs/pretrain/best.pt"  # checkpoint written by pretrain (or teacher)
+    encoder: str = "all"            # student | teacher | random | pixels | all
+    data: str = ""                  # ImageFolder or UltraBench folder; "" = built-in synthetic task
+    task: str = "lesion"            # built-in task: lesion (2 classes) | lesion3 (normal/benign/malignant)
+    n_train: int = 1500             # synthetic task sizes (ignored with --data)
+    n_val: int = 300
+    n_test: int = 600
+    seeds: int = 5                  # probe seeds; macro-F1 reported as mean ± std (paper: 5)
+    epochs: int = 150               # at most (paper)
+    patience: int = 15              # early stopping on validation loss (paper)
+    lr: float = 1e-3                # AdamW (paper)
+    wd: float = 1e-4                # (paper)
+    batch_size: int = 32            # (paper)
+    out: str = ""                   # result JSON; "" = probe_<task>.json beside the checkpoint
+    threads: int = 0                # torch CPU threads, 0 = torch's default
+
+ENCODERS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
+SECTIONS = {"teacher": (DataConfig, ModelConfig, MaskConfig, TrainConfig),
+            "pretrain": (DataConfig, ModelConfig, MaskConfig, TrainConfig), "probe": (ProbeConfig,)}
+# Stage 1 trains a small pixel decoder for a short budget at a constant LR (SALT: a brief teacher suffices).
+DEFAULTS = {"teacher": dict(out="runs/teacher", steps=300, pred_depth=2, pred_dim=128, pred_heads=4,
+                            final_lr=1e-3, wd=(0.05, 0.05))}
+PAPER = dict(img_size=224, model="vit_base", depth=12, pred_depth=12, pred_dim=384, pred_heads=12,
+             tgt_scale=(0.075, 0.125), min_keep=10, batch_size=128, epochs=100.0, lr=5e-5,
+             start_lr=5e-6, final_lr=5e-7, warmup=0.1, wd=(0.04, 0.4))
+PRESETS = {"demo": {}, "paper": PAPER}
+PAPER_TEACHER = dict(PAPER, pred_depth=8, pred_dim=512, pred_heads=16, lr=1.5e-4, final_lr=1.5e-4,
+                     wd=(0.05, 0.05))  # MAE's decoder (8 x 512) and LR; the paper used URFM instead
+
+
+def _parse_value(typ, text, default):
+    if typ is bool or isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"): return True
+        if text.lower() in ("0", "false", "no", "off"): return False
+        raise ValueError
+    if isinstance(default, tuple):  # "0.15,0.25" -> (0.15, 0.25)
+        parts = tuple(float(p) for p in text.split(","))
+        if len(parts) != len(default): raise ValueError
+        return parts
+    return type(default)(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of argparse's usage block
+        words = [w for w in message.split() if w.startswith("--")]
+        known = [o for a in self._actions for o in a.option_strings]
+        hint = difflib.get_close_matches(words[0].split("=")[0], known, 1) if words else []
+        raise UserError(f"{message}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+
+
+def parse_config(command, argv):
+    """Flags -> a dict of section name -> dataclass instance. Precedence: field < command < preset < flag."""
+    p = _Parser(prog=f"us_jepa.py {command}", description=f"us_jepa.py {command}")
+    if command != "probe":
+        p.add_argument("--preset", choices=list(PRESETS), default="demo", help="demo (CPU) or paper")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    for cls in SECTIONS[command]:
+        for f in fields(cls):
+            default = f.default
+            p.add_argument(f"--{f.name}", default=None, metavar=type(default).__name__.upper(),
+                           help=f"default: {default}")
+    args = p.parse_args(argv)
+    preset = {"demo": {}, "paper": PAPER_TEACHER if command == "teacher" else PAPER}.get(
+        getattr(args, "preset", "demo"))
+    cfg = {}
+    for cls in SECTIONS[command]:
+        values = {}
+        for f in fields(cls):
+            v = preset.get(f.name, DEFAULTS.get(command, {}).get(f.name, f.default))
+            text = getattr(args, f.name)
+            if text is not None:
+                try:
+                    v = _parse_value(f.type, text, f.default)
+                except ValueError:
+                    raise UserError(f"--{f.name}: cannot read {text!r} as {type(f.default).__name__}"
+                                    f" (example: {f.default})") from None
+            values[f.name] = v
+        cfg[cls.__name__.replace("Config", "").lower()] = cls(**values)
+    cfg["debug"] = args.debug
+    return cfg
+
+
+def check_config(cfg):
+    """Reject settings that cannot work, each with one line saying why."""
+    d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
+    if m.model not in ENCODERS: raise UserError(f"--model {m.model}: choose one of {list(ENCODERS)}")
+    if d.img_size < m.patch_size or d.img_size % m.patch_size:
+        raise UserError(f"--img_size {d.img_size} must be a multiple of --patch_size {m.patch_size}")
+    if m.pred_dim % m.pred_heads: raise UserError("--pred_dim must be divisible by --pred_heads")
+    for name in ("tgt_scale", "ctx_scale", "tgt_aspect", "crop_scale", "wd", "betas"):
+        lo, hi = getattr(k, name, None) or getattr(d, name, None) or getattr(t, name)
+        bad = lo > hi or lo < 0 or (name.endswith("scale") and not 0 < lo <= hi <= 1)
+        if bad or (name == "tgt_aspect" and lo <= 0):
+            raise UserError(f"--{name} {lo},{hi}: need low <= high in the valid range")
+    if k.min_keep < 1 or k.min_keep >= (d.img_size // m.patch_size) ** 2 or k.n_targets < 1:
+        raise UserError("--min_keep must be in [1, patches per image) and --n_targets >= 1")
+    if t.batch_size < 1 or t.steps < 1: raise UserError("--batch_size and --steps must be >= 1")
+    if t.loss not in ("smooth_l1", "l1", "l2"): raise UserError("--loss: smooth_l1 | l1 | l2")
+    if not 0 <= d.holdout < 0.5: raise UserError("--holdout must be in [0, 0.5)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data (1/2): built-in synthetic B-mode ultrasound. Nothing can be downloaded at run time, so the demo
+# simulates its own images: speckle from random scatterers, a probe's PSF, attenuation, log compression
+# and scan conversion, with lesions whose shape (not brightness, size or position) carries the label.
+
+TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"]}
+
+def synth_batch(indices, size=96, seed=0, task="lesion"):  # placeholder until the simulator lands
+    g = torch.Generator()
+    imgs, fans, labels = [], [], []
+    for i in indices:
+        g.manual_seed(hash((seed, task, int(i))) % 2**62)
+        lab = int(i) % len(TASKS[task])
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+        cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
+        a, b = (0.3, 0.18) if lab == 1 else (0.18, 0.3)
+        les = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 < 1
+        echo = torch.where(les, 0.2, 1.0)
+        env = (echo * torch.randn(size, size, generator=g) ** 2 + echo * torch.randn(size, size, generator=g) ** 2).sqrt()
+        img = (20 * torch.log10(env / env.max() + 1e-6) / 50 + 1).clamp(0, 1)
+        imgs.append(img[None]); fans.append(torch.ones(1, size, size, dtype=torch.bool)); labels.append(lab)
+    return torch.stack(imgs), torch.stack(fans), torch.tensor(labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data (2/2): real images, preprocessing, the in-memory pool and the paper's augmentations.
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+def fan_mask(a):
+    """Valid-ultrasound pixels of a gray image (H, W) in [0, 1], when no mask file is given. Not stated in the
+    paper; we follow UltraBench in spirit: threshold, keep the largest connected component, fill it convex-ish."""
+    small = torch.from_numpy(a)[None, None]
+    s = max(1, max(a.shape) // 64)  # label components on a <= 64 px grid: cheap and enough for a fan outline
+    m = (F.max_pool2d(small, s, s, ceil_mode=True)[0, 0] > 0.02).numpy()  # (h, w) bool
+    lab = np.where(m, np.arange(m.size).reshape(m.shape) + 1, 0)
+    for _ in range(m.size):  # min-label propagation over 4-neighbours until stable = connected components
+        nb = np.stack([lab, np.roll(lab, 1, 0), np.roll(lab, -1, 0), np.roll(lab, 1, 1), np.roll(lab, -1, 1)])
+        new = np.where(m, np.where(nb > 0, nb, m.size + 1).min(0), 0)
+        if (new == lab).all(): break
+        lab = new
+    if not m.any(): return np.ones_like(a, dtype=bool)
+    m = lab == np.bincount(lab[m]).argmax()
+    for axis in (0, 1):  # fill each row, then each column, between its first and last fan pixel
+        idx = np.arange(m.shape[axis]).reshape((-1, 1) if axis == 0 else (1, -1))
+        first = np.where(m.any(axis), m.argmax(axis), m.shape[axis])
+        last = m.shape[axis] - 1 - np.flip(m, axis).argmax(axis)
+        m = (idx >= np.expand_dims(first, axis)) & (idx <= np.expand_dims(last, axis))
+    m = np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
+    return m
+
+
+def load_image(path, size, mask_path=None):
+    """One file -> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)). Grayscale; 2nd-98th percentile rescale
+    inside the fan (paper); zero-pad to a square so shapes keep their aspect (ours); resize to S."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
+        fan = None
+        if mask_path:
+            with Image.open(mask_path) as mk: fan = np.asarray(mk.convert("L")) > 0
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    if a.ndim != 2 or min(a.shape) < 8: raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
+    a = a / max(float(a.max()), 1e-6)
+    fan = fan_mask(a) if fan is None else fan
+    if fan.shape != a.shape: raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
+    lo, hi = np.percentile(a[fan], [2, 98]) if fan.any() else (0.0, 1.0)
+    a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * fan
+    t = torch.from_numpy(np.stack([a, fan.astype(np.float32)]))[None]  # (1, 2, H, W)
+    h, w = a.shape
+    t = F.pad(t, ((max(h, w) - w) // 2, (max(h, w) - w + 1) // 2, (max(h, w) - h) // 2, (max(h, w) - h + 1) // 2))
+    t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return t[:1].clamp(0, 1), t[1:] > 0.5
+
+
+def find_images(root):
+    if not os.path.isdir(root): raise UserError(f"--data {root}: no such directory")
+    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTS))
+    if not files: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
+    return files
+
+
+def to_uint8(x): return (x * 255).round().to(torch.uint8)
+
+
+def load_pool(d, seed):
+    """The pretraining images as uint8 (N, 1, S, S) plus fan masks, kept in memory (96 px: 9 KB an image)."""
+    if not d.data:  # synthetic: unlabeled images drawn from all three lesion3 classes, seeds apart from probes
+        chunks = [synth_batch(range(i, min(i + 256, d.n_images)), d.img_size, 1000 + seed, "lesion3")
+                  for i in range(0, d.n_images, 256)]
+        return to_uint8(torch.cat([c[0] for c in chunks])), torch.cat([c[1] for c in chunks])
+    pairs = [load_image(p, d.img_size) for p in find_images(d.data)]
+    return to_uint8(torch.stack([p[0] for p in pairs])), torch.stack([p[1] for p in pairs])
+
+
+def augment(x, fan, g, crop_scale):
+    """The paper's pretraining augmentations on a batch x (B, 1, S, S) in [0, 1]: RandomResizedCrop + flips as one
+    affine resampling, then blur, speckle and contrast. Strengths are not stated; ours are mild."""
+    B, S = x.shape[0], x.shape[-1]
+    u = torch.rand(B, 8, generator=g)  # all random numbers for this batch, from the step's generator
+    area = crop_scale[0] + (crop_scale[1] - crop_scale[0]) * u[:, 0]
+    ratio = torch.exp((u[:, 1] - 0.5) * 2 * math.log(4 / 3))  # aspect in [3/4, 4/3] like torchvision
+    w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # crop side / image side
+    cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)  # crop centre, in [-1, 1] coordinates
+    fx, fy = torch.where(u[:, 4] < 0.5, -1.0, 1.0), torch.where(u[:, 5] < 0.5, -1.0, 1.0)  # h/v flips
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * fx, cx, h * fy, cy
+    grid = F.affine_grid(theta, (B, 1, S, S), align_corners=False)  # (B, S, S, 2)
+    x = F.grid_sample(x, grid, align_corners=False)
+    fan = F.grid_sample(fan.float(), grid, mode="nearest", align_corners=False) > 0.5
+    sigma = 0.1 + 0.9 * u[:, 6]  # Gaussian blur, sigma in [0.1, 1] px, one separable conv for the whole batch
+    k = torch.exp(-0.5 * (torch.arange(-2, 3.0)[None] / sigma[:, None]) ** 2)  # (B, 5)
+    k = (k / k.sum(1, keepdim=True))[:, None, None]  # (B, 1, 1, 5)
+    x = F.conv2d(F.pad(x.transpose(0, 1), (2, 2, 0, 0), mode="replicate"), k, groups=B)
+    x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.transpose(2, 3), groups=B).transpose(0, 1)
+    x = x * (1 + 0.15 * u[:, 7, None, None, None] * torch.randn(x.shape, generator=g))  # speckle, sd <= 0.15
+    m = (x * fan).sum((1, 2, 3), keepdim=True) / fan.sum((1, 2, 3), keepdim=True).clamp(min=1)
+    alpha = 0.7 + 0.6 * torch.rand(B, 1, 1, 1, generator=g)  # contrast around the fan mean, x0.7 .. x1.3
+    return ((m + alpha * (x - m)).clamp(0, 1) * fan), fan
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks: I-JEPA's multi-block sampler with US-JEPA's numbers, and the gather that applies a mask.
+# Per batch: one target block size and one context block size (so masks stack into tensors); per image:
+# 4 target blocks and 1 context block, the context minus all targets, every mask truncated to the batch's
+# shortest. Four defects of the reference sampler are fixed here, each marked "fix (a)".."fix (d)".
+
+def block_size(rng, grid, scale, aspect):
+    """Height and width (in patches) of a block covering `scale` of the grid with height/width `aspect`."""
+    s = rng.uniform(*scale)
+    a = rng.uniform(*aspect)  # fix (b): drawn apart from s; I-JEPA's one uniform draw set both together
+    h, w = round(math.sqrt(s * grid * grid * a)), round(math.sqrt(s * grid * grid / a))
+    return min(max(h, 1), grid), min(max(w, 1), grid)
+
+
+def place_block(rng, grid, h, w):
+    """Top-left corner of an h x w block. fix (a)+(d): I-JEPA's randint(0, grid - h) never reaches the last
+    row/column (at 224/16 its 13x13 context is always top-left). We draw the corner uniformly over every
+    position where the block still overlaps the grid, then push it inside: border patches are then
+    covered about as often as central ones (uniform corners cover the border h times less often)."""
+    top = min(max(int(rng.integers(-(h - 1), grid)), 0), grid - h)
+    left = min(max(int(rng.integers(-(w - 1), grid)), 0), grid - w)
+    return top, left
+
+
+def sample_masks(rng, batch, grid, k):
+    """-> ctx (B, Kc) and tgt (M, B, Kt) patch indices (row-major, sorted within each row)."""
+    th, tw = block_size(rng, grid, k.tgt_scale, k.tgt_aspect)
+    ch, cw = block_size(rng, grid, k.ctx_scale, (1.0, 1.0))
+    ctx, tgt = [], []
+    for _ in range(batch):
+        for _ in range(100):  # re-place the targets until enough context survives (I-JEPA does the same)
+            t = np.zeros((k.n_targets, grid, grid), bool)
+            for m in range(k.n_targets):
+                r, c = place_block(rng, grid, th, tw)
+                t[m, r:r + th, c:c + tw] = True
+            c = np.zeros((grid, grid), bool)
+            r0, c0 = place_block(rng, grid, ch, cw)
+            c[r0:r0 + ch, c0:c0 + cw] = True
+            c &= ~t.any(0)  # context disjoint from every target
+            if c.sum() >= k.min_keep: break
+        else:
+            raise UserError(f"masks: {k.n_targets} targets of {th}x{tw} patches leave < {k.min_keep} context "
+                            f"patches on a {grid}x{grid} grid; lower --tgt_scale, --n_targets or --min_keep")
+        ctx.append(np.flatnonzero(c)); tgt.append([np.flatnonzero(tm) for tm in t])
+    keep = min(len(c) for c in ctx)
+    # fix (c): truncate to the shortest context with a random subset; I-JEPA kept the first indices in raster
+    # order, which biases every context toward its top-left.
+    ctx = [np.sort(rng.choice(c, keep, replace=False)) for c in ctx]
+    return torch.from_numpy(np.stack(ctx)), torch.from_numpy(np.stack(tgt, 1))  # (B, Kc), (M, B, Kt)
+
+
+def apply_masks(x, idx):
+    """x (B, N, D), idx (M, B, K) -> (M*B, K, D) with out[m*B + b, k] = x[b, idx[m, b, k]] (mask-major, as in
+    I-JEPA). The reference for kernels/: `expand` makes the M views of x without copying them."""
+    M, B, K = idx.shape
+    xs = x.unsqueeze(0).expand(M, -1, -1, -1)  # (M, B, N, D), a view
+    return torch.gather(xs, 2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).flatten(0, 1)  # (M*B, K, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: a ViT that can run on a subset of its patches, and I-JEPA's narrow predictor. Parameter names
+# follow timm's VisionTransformer (patch_embed.proj, blocks.N.attn.qkv, ...) so outside weights map directly.
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos positions (MAE/I-JEPA): half the channels encode the row, half the column. (N, dim)"""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    r, c = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                          indexing="ij")
+    out = [f(p.flatten()[:, None] * omega) for p in (r, c) for f in (torch.sin, torch.cos)]  # 4 x (N, dim/4)
+    return torch.cat(out, 1).float()  # (N, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, d)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x): return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):  # pre-norm transformer block
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
+
+    def forward(self, x): x = x + self.attn(self.norm1(x)); return x + self.mlp(self.norm2(x))
+
+
+def init_weights(m):  # timm / I-JEPA style
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None: nn.init.zeros_(m.bias)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(1, dim, patch, patch)  # 1 input channel: ultrasound is grayscale
+
+    def forward(self, x): return self.proj(x).flatten(2).transpose(1, 2)  # (B, 1, H, W) -> (B, N, D)
+
+
+class ViT(nn.Module):
+    """Encoder: patch embedding + fixed positions, pre-norm blocks, final LayerNorm; no CLS token (I-JEPA)."""
+    def __init__(self, img_size=96, patch_size=16, model="vit_tiny", depth=6, **_):
+        super().__init__()
+        self.dim, heads = ENCODERS[model]
+        self.grid, self.patch_size = img_size // patch_size, patch_size
+        self.patch_embed = PatchEmbed(patch_size, self.dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(self.dim, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(self.dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.apply(init_weights)
+
+    def forward(self, img, idx=None):
+        """img (B, 1, H, W); idx (B, K) patch indices to keep (the context) or None for all -> (B, K or N, D)."""
+        x = self.patch_embed(img) + self.pos_embed  # (B, N, D)
+        if idx is not None:
+            x = apply_masks(x, idx[None])  # (B, K, D): the encoder never sees the dropped patches
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+class Predictor(nn.Module):
+    """I-JEPA predictor: context tokens + one shared mask token at each target position -> out_dim per target.
+    Each target block is its own sequence (context ++ that block), so target blocks never attend to each other.
+    Stage 1 reuses it as MAE's light pixel decoder (out_dim = patch_size**2)."""
+    def __init__(self, grid, in_dim, dim, depth, heads, out_dim):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, out_dim)  # head: adapter to teacher
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, ctx, ctx_idx, tgt_idx):
+        """ctx (B, Kc, D_enc), ctx_idx (B, Kc), tgt_idx (M, B, Kt) -> (M*B, Kt, out_dim), mask-major."""
+        M, B, Kt = tgt_idx.shape
+        pos = self.pos_embed.expand(B, -1, -1)  # (B, N, d)
+        x = self.embed(ctx) + apply_masks(pos, ctx_idx[None])  # (B, Kc, d)
+        x = x.repeat(M, 1, 1)  # (M*B, Kc, d): one copy of the context per target block
+        t = self.mask_token + apply_masks(pos, tgt_idx)  # (M*B, Kt, d)
+        x = torch.cat([x, t], 1)  # (M*B, Kc + Kt, d)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, -Kt:]))  # (M*B, Kt, out_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses. salt_loss is the plain-PyTorch reference that the fused kernels in kernels/ must match.
+
+def salt_loss(pred, feats, tgt_idx, kind="smooth_l1", beta=1.0):
+    """pred (M*B, K, D) from the predictor; feats (B, N, D) the frozen teacher's last layer on the full image.
+    Targets = layer_norm (no affine, as I-JEPA/V-JEPA; not stated in US-JEPA) of the teacher features at the
+    target patches. Normalising after the gather equals normalising all N then gathering, for fewer rows.
+    Mean over masked tokens and channels = I-JEPA's mean over blocks, since every block has K tokens."""
+    target = F.layer_norm(apply_masks(feats, tgt_idx).float(), feats.shape[-1:])  # (M*B, K, D)
+    if kind == "smooth_l1": return F.smooth_l1_loss(pred.float(), target, beta=beta)
+    if kind == "l1": return F.l1_loss(pred.float(), target)
+    return F.mse_loss(pred.float(), target)
+
+
+def patchify(img, p):
+    """(B, 1, H, W) -> (B, N, p*p) pixels of each patch in row-major patch order."""
+    B, _, H, W = img.shape
+    x = img.reshape(B, H // p, p, W // p, p).permute(0, 1, 3, 2, 4)  # (B, H/p, W/p, p, p)
+    return x.reshape(B, (H // p) * (W // p), p * p)
+
+
+def mae_loss(pred, img, tgt_idx, p):
+    """Stage 1 (MAE): MSE between decoded pixels (M*B, K, p*p) and per-patch-normalised target pixels."""
+    target = apply_masks(patchify(img, p), tgt_idx)  # (M*B, K, p*p)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    return F.mse_loss(pred, target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: one loop for both stages. Stage 1 (`teacher`): encoder + pixel decoder, MAE loss. Stage 2
+# (`pretrain`): student + predictor against the frozen teacher, SALT loss. Everything random in a step
+# (batch, augmentation, masks) is drawn from generators seeded by (seed, step), so --resume is exact.
+
+def schedule(step, steps, t):
+    """Linear warm-up start_lr -> lr, cosine lr -> final_lr; weight decay cosine wd[0] -> wd[1] (I-JEPA)."""
+    warm = max(1, int(t.warmup * steps))
+    if step < warm:
+        lr = t.start_lr + (t.lr - t.start_lr) * step / warm
+    else:
+        lr = t.final_lr + 0.5 * (t.lr - t.final_lr) * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    wd = t.wd[1] + 0.5 * (t.wd[0] - t.wd[1]) * (1 + math.cos(math.pi * step / steps))
+    return lr, wd
+
+
+def batch_indices(step, batch, n, seed):
+    """Images of a step: the stream of per-epoch shuffles, cut into batches (an epoch boundary may fall mid-batch)."""
+    pos = np.arange(step * batch, (step + 1) * batch)
+    out = np.empty(batch, np.int64)
+    for e in np.unique(pos // n):
+        sel = pos // n == e
+        out[sel] = np.random.default_rng([seed, int(e)]).permutation(n)[pos[sel] % n]
+    return torch.from_numpy(out)
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of this file's format, loaded safely (weights_only: no pickled code runs)."""
+    if not os.path.isfile(path): raise UserError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, pickled objects, not a torch file, ...
+        raise UserError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ck, dict) or not {"kind", "config", "model"} <= set(ck):
+        raise UserError(f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', 'model')")
+    return ck
+
+
+def build_encoder(config, state=None, path="checkpoint"):
+    """The ViT described by a stored config (the dict saved in every checkpoint), with its weights if given."""
+    vit = ViT(config["data"]["img_size"], **config["model"])
+    if state is not None:
+        try:
+            vit.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"{path}: weights do not fit the ViT its config describes "
+                            f"({str(e).splitlines()[1].strip()[:160]})") from None
+    return vit
+
+
+def train(cfg, kind, teacher=None, teacher_ck=None):
+    """Stage 1 (kind='teacher') or stage 2 (kind='student'). Writes last.pt, best.pt and log.jsonl to --out."""
+    d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
+    last, best_path = os.path.join(t.out, "last.pt"), os.path.join(t.out, "best.pt")
+    if t.resume and not os.path.exists(last): raise UserError(f"--resume: no {last} to continue")
+    if not t.resume and (os.path.exists(last) or os.path.exists(best_path)):
+        raise UserError(f"{t.out} already holds a run: --resume continues it, --out DIR starts a new one")
+    os.makedirs(t.out, exist_ok=True)
+    torch.manual_seed(t.seed)
+    encoder = ViT(d.img_size, **asdict(m))
+    out_dim = teacher.dim if kind == "student" else m.patch_size ** 2
+    head = Predictor(encoder.grid, encoder.dim, m.pred_dim, m.pred_depth, m.pred_heads, out_dim)
+    if teacher is not None and teacher.grid != encoder.grid:
+        raise UserError(f"teacher sees a {teacher.grid}x{teacher.grid} patch grid, the student "
+                        f"{encoder.grid}x{encoder.grid}: use the teacher's --img_size and --patch_size")
+
+    print(f"[{kind}] building the image pool ({'synthetic' if not d.data else d.data}) ...", flush=True)
+    pool, fans = load_pool(d, t.seed)  # uint8 (N, 1, S, S), bool (N, 1, S, S)
+    n_hold = int(len(pool) * d.holdout)
+    n_train = len(pool) - n_hold  # the last n_hold images are held out for best.pt
+    if n_train < t.batch_size: raise UserError(f"{n_train} training images < --batch_size {t.batch_size}")
+    steps = t.steps if t.epochs <= 0 else math.ceil(t.epochs * n_train / t.batch_size)
+
+    def loss_fn(img, ctx, tgt):  # -> loss, student/encoder context tokens
+        z = encoder(img, ctx)  # (B, Kc, D)
+        pred = head(z, ctx, tgt)  # (M*B, Kt, out_dim)
+        if kind == "teacher": return mae_loss(pred, img, tgt, m.patch_size), z
+        with torch.no_grad():
+            feats = teacher(img)  # (B, N, Dt): the frozen teacher sees the whole image
+        return salt_loss(pred, feats, tgt, t.loss, t.beta), z
+
+    named = [(n, p) for mod in (encoder, head) for n, p in mod.named_parameters()]
+    no_decay = [p for n, p in named if p.ndim < 2 or n.endswith(".bias")]  # biases, norms (I-JEPA)
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if not (p.ndim < 2 or n.endswith(".bias"))]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+    start, best = 0, float("inf")
+    config = {"data": asdict(d), "model": asdict(m), "mask": asdict(k), "train": asdict(t)}
+    if t.resume:
+        ck = load_checkpoint(last)
+        if ck["kind"] != kind: raise UserError(f"{last} is a {ck['kind']} run, not a {kind} run")
+        encoder.load_state_dict(ck["model"]); head.load_state_dict(ck["head"]); opt.load_state_dict(ck["opt"])
+        start, best = ck["step"], ck["best"]
+        print(f"[{kind}] resuming {last} at step {start}")
+    print(f"[{kind}] config: {json.dumps(config)}")
+    print(f"[{kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
+          f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train / "
+          f"{n_hold} held-out images; {steps} steps of {t.batch_size}")
+
+    def evaluate():  # held-out loss with fixed masks and no augmentation: comparable across the run
+        encoder.eval(); head.eval()
+        rng, losses = np.random.default_rng([t.seed, 10**9]), []
+        with torch.no_grad():
+            for i in range(n_train, len(pool), t.batch_size):
+                img = pool[i:i + t.batch_size].float() / 255
+                ctx, tgt = sample_masks(rng, len(img), encoder.grid, k)
+                losses.append(loss_fn(img, ctx, tgt)[0].item() * len(img))
+        encoder.train(); head.train()
+        return sum(losses) / n_hold
+
+    def checkpoint(step, best):
+        ck = {"kind": kind, "config": config, "step": step, "best": best, "model": encoder.state_dict(),
+              "head": head.state_dict(), "opt": opt.state_dict()}
+        if teacher is not None:  # the teacher travels with its student, so `probe` can compare them
+            ck["teacher"] = {"config": teacher_ck["config"], "model": teacher.state_dict()}
+        return ck
+
+    log = open(os.path.join(t.out, "log.jsonl"), "a")
+    t0, seen, busy = time.time(), 0, 0.0
+    for step in range(start, steps):
+        tic = time.time()
+        lr, wd = schedule(step, steps, t)
+        opt.param_groups[0].update(lr=lr, weight_decay=wd); opt.param_groups[1].update(lr=lr)
+        idx = batch_indices(step, t.batch_size, n_train, t.seed)
+        img, fan = pool[idx].float() / 255, fans[idx]  # (B, 1, S, S)
+        if d.augment:
+            img, fan = augment(img, fan, torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
+        ctx, tgt = sample_masks(np.random.default_rng([t.seed, step]), t.batch_size, encoder.grid, k)
+        loss, z = loss_fn(img, ctx, tgt)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss is {loss.item()} at step {step}: stopping; {last} holds the last good state")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.clip > 0: torch.nn.utils.clip_grad_norm_([p for _, p in named], t.clip)
+        opt.step()
+        busy, seen = busy + time.time() - tic, seen + t.batch_size
+        if (step + 1) % t.log_every == 0 or step + 1 == steps:
+            std = z.detach().mean(1).std(0).mean().item()  # across images: near 0 would mean collapse
+            row = dict(step=step + 1, loss=round(loss.item(), 5), lr=lr, wd=round(wd, 4),
+                       img_s=round(seen / busy, 1), feat_std=round(std, 4))
+            print(f"[{kind}] step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | wd {wd:.3f} | "
+                  f"{seen / busy:.0f} img/s | feat std {std:.3f}", flush=True)
+            log.write(json.dumps(row) + "\n"); log.flush()
+        if (step + 1) % t.eval_every == 0 or step + 1 == steps:
+            held = evaluate() if n_hold else loss.item()
+            log.write(json.dumps(dict(step=step + 1, heldout_loss=round(held, 5))) + "\n"); log.flush()
+            is_best = held < best
+            best = min(best, held)
+            ck = checkpoint(step + 1, best)
+            save_atomic(ck, last)
+            if is_best: save_atomic(ck, best_path)
+            print(f"[{kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' if is_best else ''}", flush=True)
+    log.close()
+    rate = seen / busy if busy else float("nan")
+    print(f"[{kind}] done: {steps - start} steps in {time.time() - t0:.0f} s, {rate:.0f} img/s in training "
+          f"steps; best held-out loss {best:.4f}; wrote {best_path} and {last}")
+    return rate
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear probe (paper section 4.2): frozen encoder, mean of the last layer's patch tokens (no CLS; I-JEPA),
+# BatchNorm1d(affine=False) + Linear (MAE's linprobe), AdamW, cosine LR, early stopping on validation loss.
+
+def probe_data(p, size):
+    """-> {split: (imgs (N, 1, S, S), fans, labels)} and the class names."""
+    if not p.data:
+        if p.task not in TASKS: raise UserError(f"--task {p.task}: choose one of {list(TASKS)}")
+        bounds = np.cumsum([0, p.n_train, p.n_val, p.n_test])
+        return {s: synth_batch(range(bounds[i], bounds[i + 1]), size, 1, p.task)
+                for i, s in enumerate(("train", "val", "test"))}, TASKS[p.task]
+    if not os.path.isdir(p.data): raise UserError(f"--data {p.data}: no such directory")
+    root, recs = p.data, {}
+    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's processed layout
+        for split, name in (("train", "train_val.json"), ("test", "test.json")):
+            with open(os.path.join(root, name)) as f:
+                recs[split] = [(os.path.join(root, r["image"]), int(r["label"]),
+                                r.get("scan_mask") and os.path.join(root, r["scan_mask"])) for r in json.load(f)]
+        classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
+        if [int(c) for c in classes] != list(range(len(classes))):
+            raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
+    else:  # ImageFolder: DIR/{train,val,test}/<class>/*.png
+        if not os.path.isdir(os.path.join(root, "train")): raise UserError(f"{root}: no train/ or train_val.json")
+        classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+        for split in ("train", "val", "test"):
+            if os.path.isdir(os.path.join(root, split)):
+                recs[split] = [(f, c, None) for c, name in enumerate(classes)
+                               for f in find_images(os.path.join(root, split, name))]
+    if len(classes) < 2: raise UserError(f"{root}: need at least 2 classes, found {classes}")
+    if "test" not in recs: raise UserError(f"{root}: no test split")
+    if "val" not in recs:  # carve 10 % of train with a fixed seed (the paper does not say how it validated)
+        perm = np.random.default_rng(0).permutation(len(recs["train"]))
+        cut = max(1, len(perm) // 10)
+        recs["val"] = [recs["train"][i] for i in perm[:cut]]
+        recs["train"] = [recs["train"][i] for i in perm[cut:]]
+    out = {}
+    for split, rs in recs.items():
+        if any(not os.path.exists(r[0]) for r in rs):
+            raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
+        pairs = [load_image(f, size, mp) for f, _, mp in rs]
+        out[split] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]),
+                      torch.tensor([r[1] for r in rs]))
+    return out, classes
+
+
+@torch.no_grad()
+def encode(vit, imgs, batch=256):
+    """Frozen features: mean of the last layer's patch tokens. (N, 1, S, S) -> (N, D)"""
+    vit.eval()
+    return torch.cat([vit(imgs[i:i + batch]).mean(1) for i in range(0, len(imgs), batch)])
+
+
+def pixel_features(imgs, fans):
+    """Trivial features: a 32-bin intensity histogram inside the fan + 16x16 downsampled pixels. (N, 288)"""
+    hist = torch.stack([torch.histc(x[f], 32, 0, 1) / f.sum().clamp(min=1) for x, f in zip(imgs, fans)])
+    return torch.cat([hist, F.adaptive_avg_pool2d(imgs, 16).flatten(1)], 1)
+
+
+def f1_scores(pred, y, n_classes):
+    """Per-class F1 = 2TP / (2TP + FP + FN); a class never predicted nor present scores 0."""
+    out = []
+    for c in range(n_classes):
+        tp = ((pred == c) & (y == c)).sum().item()
+        fp, fn = ((pred == c) & (y != c)).sum().item(), ((pred != c) & (y == c)).sum().item()
+        out.append(2 * tp / max(1, 2 * tp + fp + fn))
+    return out
+
+
+def fit_probe(feats, labels, n_classes, seed, p):
+    """Train BN + Linear on train features, early-stop on val loss, score test. -> dict of metrics."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    xtr, ytr = feats["train"], labels["train"]
+    head = nn.Sequential(nn.BatchNorm1d(xtr.shape[1], affine=False), nn.Linear(xtr.shape[1], n_classes))
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.wd)
+    per_epoch = math.ceil(len(xtr) / p.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.epochs * per_epoch)
+    best, best_state, bad, epoch = float("inf"), None, 0, 0
+    for epoch in range(p.epochs):
+        head.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), p.batch_size):
+            j = perm[i:i + p.batch_size]
+            if len(j) < 2: continue  # BatchNorm needs two samples
+            loss = F.cross_entropy(head(xtr[j]), ytr[j])
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+        head.eval()
+        with torch.no_grad():
+            val = F.cross_entropy(head(feats["val"]), labels["val"]).item()
+        if val < best:
+            best, best_state, bad = val, {k: v.clone() for k, v in head.state_dict().items()}, 0
+        elif (bad := bad + 1) >= p.patience:
+            break
+    head.load_state_dict(best_state)
+    with torch.no_grad():
+        pred = head(feats["test"]).argmax(1)
+    per_class = f1_scores(pred, labels["test"], n_classes)
+    return dict(macro_f1=sum(per_class) / n_classes, accuracy=(pred == labels["test"]).float().mean().item(),
+                per_class_f1=per_class, epochs=epoch + 1)
+
+
+def run_probe(p):
+    ck = load_checkpoint(p.ckpt) if p.encoder != "pixels" else None
+    if p.encoder not in ("student", "teacher", "random", "pixels", "all"):
+        raise UserError(f"--encoder {p.encoder}: student | teacher | random | pixels | all")
+    size = ck["config"]["data"]["img_size"] if ck else DataConfig.img_size
+    names = ["student", "teacher", "random", "pixels"] if p.encoder == "all" else [p.encoder]
+    if ck and ck["kind"] == "teacher":  # a stage-1 checkpoint: its model is the teacher, there is no student
+        names = [n for n in names if n != "student"] if p.encoder == "all" else names
+        if "student" in names: raise UserError(f"{p.ckpt} is a teacher checkpoint: use --encoder teacher")
+        ck = dict(ck, teacher={"config": ck["config"], "model": ck["model"]})
+    data, classes = probe_data(p, size)
+    print(f"[probe] {p.data or p.task}: {', '.join(f'{s} {len(v[2])}' for s, v in data.items())} images; "
+          f"classes {classes}; {p.seeds} seeds")
+    labels = {s: v[2] for s, v in data.items()}
+    results = {}
+    for name in names:
+        tic = time.time()
+        if name == "pixels":
+            feats = {s: pixel_features(v[0], v[1]) for s, v in data.items()}
+        else:
+            if name == "random": torch.manual_seed(0)
+            src = ck["teacher"] if name == "teacher" else ck
+            vit = build_encoder(src["config"], None if name == "random" else src["model"], p.ckpt)
+            if vit.grid * vit.patch_size != size: raise UserError(f"{p.ckpt}: teacher and student sizes differ")
+            feats = {s: encode(vit, v[0]) for s, v in data.items()}  # computed once, shared by all seeds
+        runs = [fit_probe(feats, labels, len(classes), seed, p) for seed in range(p.seeds)]
+        f1 = torch.tensor([r["macro_f1"] for r in runs])
+        results[name] = dict(macro_f1_mean=f1.mean().item(), macro_f1_std=f1.std().item() if len(runs) > 1 else 0.0,
+                             accuracy_mean=float(np.mean([r["accuracy"] for r in runs])),
+                             per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
+                             seconds=round(time.time() - tic, 1))
+    print(f"\n{'encoder':<9} {'macro-F1 (' + str(p.seeds) + ' seeds)':<22} {'accuracy':<9} per-class F1")
+    for name, r in results.items():
+        pc = "  ".join(f"{c} {v:.3f}" for c, v in zip(classes, r["per_class_f1_mean"]))
+        print(f"{name:<9} {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f}{'':<9} {r['accuracy_mean']:.3f}     {pc}")
+    out = p.out or os.path.join(os.path.dirname(p.ckpt) or ".", f"probe_{p.task if not p.data else 'data'}.json")
+    base, i = out, 1
+    while os.path.exists(out):  # never overwrite an earlier result
+        out, i = f"{os.path.splitext(base)[0]}-{i}.json", i + 1
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
+    print(f"\nwrote {out}  (chance macro-F1 ~ {1 / len(classes):.3f} for balanced classes)")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+def run_pretrain(cfg):
+    t = cfg["train"]
+    if not os.path.exists(t.teacher):
+        if t.teacher != TrainConfig.teacher: raise UserError(f"--teacher {t.teacher}: no such file")
+        tcfg = parse_config("teacher", [])  # the teacher command's defaults, sharing this run's data and masks
+        model = dataclasses.replace(tcfg["model"], model=cfg["model"].model, depth=cfg["model"].depth,
+                                    patch_size=cfg["model"].patch_size)
+        tcfg.update(data=cfg["data"], mask=cfg["mask"], model=model, train=dataclasses.replace(
+            tcfg["train"], out=os.path.dirname(t.teacher), seed=t.seed, threads=t.threads))
+        print(f"[pretrain] no teacher at {t.teacher}: training one first (SALT stage 1, "
+              f"{tcfg['train'].steps} steps; `python us_jepa.py teacher` trains your own)")
+        train(tcfg, "teacher")
+    teacher_ck = load_checkpoint(t.teacher)
+    teacher = build_encoder(teacher_ck["config"], teacher_ck["model"], t.teacher)
+    teacher.eval().requires_grad_(False)  # frozen for good: never trained, never EMA-updated
+    return train(cfg, "student", teacher, teacher_ck)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = ("teacher", "pretrain", "probe")
+    if not argv or argv[0] not in commands:
+        print(__doc__.split("Commands:")[1].rstrip(), file=sys.stderr if argv else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"us_jepa.py: error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}",
+                  file=sys.stderr)
+            sys.exit(2)
+        return
+    cmd = argv[0]
+    try:
+        cfg = parse_config(cmd, argv[1:])
+        section = cfg["probe"] if cmd == "probe" else cfg["train"]
+        if section.threads: torch.set_num_threads(section.threads)
+        if cmd == "probe": return run_probe(cfg["probe"])
+        check_config(cfg)
+        return train(cfg, "teacher") if cmd == "teacher" else run_pretrain(cfg)
+    except UserError as e:
+        if "--debug" in argv: raise
+        print(f"us_jepa.py {cmd}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nus_jepa.py {cmd}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
