@@ -675,8 +675,12 @@ def probe_data(p, size):
                 for i, s in enumerate(("train", "val", "test"))}, TASKS[p.task]
     if not os.path.isdir(p.data): raise UserError(f"--data {p.data}: no such directory")
     root, recs = p.data, {}
-    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's processed layout
-        for split, name in (("train", "train_val.json"), ("test", "test.json")):
+    ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1 (PyPI)
+    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout: val carved below
+        ub = {"train": "train_val.json", "test": "test.json"}
+    if os.path.exists(os.path.join(root, ub["train"])):
+        for split, name in ub.items():
+            if not os.path.exists(os.path.join(root, name)): raise UserError(f"{root}: no {name}")
             with open(os.path.join(root, name)) as f:
                 recs[split] = [(os.path.join(root, r["image"]), int(r["label"]),
                                 r.get("scan_mask") and os.path.join(root, r["scan_mask"])) for r in json.load(f)]
@@ -684,7 +688,8 @@ def probe_data(p, size):
         if [int(c) for c in classes] != list(range(len(classes))):
             raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
     else:  # ImageFolder: DIR/{train,val,test}/<class>/*.png
-        if not os.path.isdir(os.path.join(root, "train")): raise UserError(f"{root}: no train/ or train_val.json")
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench (train_val.json)")
         classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
         for split in ("train", "val", "test"):
             if os.path.isdir(os.path.join(root, split)):

@@ -1,0 +1,91 @@
+"""The multi-block sampler: I-JEPA's contract (shapes, disjointness, equal lengths) with its four defects fixed."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import us_jepa as U
+
+DEMO = U.MaskConfig()
+PAPER = U.MaskConfig(tgt_scale=(0.075, 0.125), min_keep=10)
+
+
+@pytest.mark.parametrize("grid,cfg", [(6, DEMO), (14, PAPER), (8, PAPER)])
+def test_contract(grid, cfg):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ctx, tgt = U.sample_masks(rng, 8, grid, cfg)
+        assert ctx.dtype == tgt.dtype == torch.int64
+        assert ctx.ndim == 2 and ctx.shape[0] == 8 and ctx.shape[1] >= cfg.min_keep  # equal lengths: a tensor
+        assert tgt.shape[:2] == (cfg.n_targets, 8)
+        for t in (ctx, tgt):
+            assert t.min() >= 0 and t.max() < grid * grid
+        for b in range(8):
+            c = ctx[b].tolist()
+            assert c == sorted(set(c))  # sorted, unique
+            assert not set(c) & set(tgt[:, b].flatten().tolist())  # context disjoint from every target
+            for m in range(cfg.n_targets):  # each target is one solid h x w block
+                r, q = np.divmod(tgt[m, b].numpy(), grid)
+                assert len(r) == (r.max() - r.min() + 1) * (q.max() - q.min() + 1)
+
+
+def coverage(grid, cfg, batches=300):
+    rng = np.random.default_rng(1)
+    tc, cc = np.zeros(grid * grid), np.zeros(grid * grid)
+    for _ in range(batches):
+        ctx, tgt = U.sample_masks(rng, 16, grid, cfg)
+        np.add.at(tc, tgt.flatten().numpy(), 1)
+        np.add.at(cc, ctx.flatten().numpy(), 1)
+    return tc / tc.mean(), cc / cc.mean()
+
+
+@pytest.mark.parametrize("grid,cfg", [(6, DEMO), (14, PAPER)])
+def test_every_patch_reachable_and_coverage_near_uniform(grid, cfg):
+    """fix (a)/(d): the last row and column are reachable; coverage of every patch, as a target and as context,
+    stays within a factor 2 of the mean (I-JEPA's uniform corners give the 14x14 corners ~0.1 of the mean)."""
+    tc, cc = coverage(grid, cfg)
+    last = [i for i in range(grid * grid) if i // grid == grid - 1 or i % grid == grid - 1]
+    assert (tc[last] > 0).all() and (cc[last] > 0).all()
+    for c in (tc, cc):
+        assert c.min() > 0.5 and c.max() < 2.0, (c.min(), c.max())
+
+
+def test_scale_and_aspect_drawn_independently():
+    """fix (b): I-JEPA drew one number for both, so a block's area fixed its shape."""
+    rng = np.random.default_rng(0)
+    sizes = [U.block_size(rng, 14, (0.075, 0.3), (0.5, 2.0)) for _ in range(3000)]
+    area = np.array([h * w for h, w in sizes], float)
+    aspect = np.array([math.log(h / w) for h, w in sizes])
+    assert abs(np.corrcoef(area, aspect)[0, 1]) < 0.1
+    assert len(set(sizes)) > 10
+
+
+def test_truncation_is_a_random_subset():
+    """fix (c): contexts are cut to the batch minimum by a random subset, not the first indices in raster order.
+    With truncation kept to the first K indices the mean kept row would sit well above the block's centre."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(200):
+        ctx, _ = U.sample_masks(rng, 16, 14, PAPER)
+        rows.append((ctx // 14).float().mean().item())
+    assert abs(np.mean(rows) - 6.5) < 0.5
+
+
+def test_min_keep_unreachable_is_a_clear_error():
+    with pytest.raises(U.UserError, match="lower --tgt_scale"):
+        U.sample_masks(np.random.default_rng(0), 4, 4, U.MaskConfig(tgt_scale=(0.9, 1.0), min_keep=3))
+
+
+def test_apply_masks_matches_a_loop():
+    x = torch.randn(3, 10, 5)
+    idx = torch.tensor([[[0, 2], [9, 1], [4, 4]], [[3, 3], [0, 9], [1, 2]]])  # (M=2, B=3, K=2), repeats
+    out = U.apply_masks(x, idx)
+    assert out.shape == (6, 2, 5)
+    for m in range(2):
+        for b in range(3):
+            for k in range(2):
+                assert torch.equal(out[m * 3 + b, k], x[b, idx[m, b, k]])
+    x.requires_grad_(True)
+    U.apply_masks(x, idx).sum().backward()  # the backward is a scatter-ADD: repeated indices accumulate
+    assert x.grad[0, 0, 0] == 1 and x.grad[2, 4, 0] == 2 and x.grad[0, 5, 0] == 0
