@@ -13,7 +13,7 @@ Commands:
   python us_jepa.py teacher     # stage 1: train a teacher on built-in synthetic ultrasound (or --data DIR)
   python us_jepa.py pretrain    # stage 2: SALT student (trains a teacher first if none is found)
   python us_jepa.py probe       # linear probe: student vs teacher vs random encoder vs pixel features
-Any command takes --help; every config field below is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
+Any command takes --help; every field of the config dataclasses is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
 import argparse, dataclasses, difflib, glob, json, math, os, sys, time
 from dataclasses import dataclass, field, fields, asdict
@@ -127,7 +127,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of argparse's usage block
         words = [w for w in message.split() if w.startswith("--")]
         known = [o for a in self._actions for o in a.option_strings]
-        hint = difflib.get_close_matches(words[0].split("=")[0], known, 1) if words else []
+        unknown = [w.split("=")[0] for w in words if w.split("=")[0] not in known]
+        hint = difflib.get_close_matches(unknown[0], known, 1) if unknown else []
         raise UserError(f"{message}" + (f" (did you mean {hint[0]}?)" if hint else ""))
 
 
@@ -140,8 +141,9 @@ def parse_config(command, argv):
     for cls in SECTIONS[command]:
         for f in fields(cls):
             default = f.default
+            flag = dict(nargs="?", const="true") if isinstance(default, bool) else {}  # --resume = --resume true
             p.add_argument(f"--{f.name}", default=None, metavar=type(default).__name__.upper(),
-                           help=f"default: {default}")
+                           help=f"default: {default}", **flag)
     args = p.parse_args(argv)
     preset = {"demo": {}, "paper": PAPER_TEACHER if command == "teacher" else PAPER}.get(
         getattr(args, "preset", "demo"))
@@ -159,7 +161,7 @@ def parse_config(command, argv):
                                     f" (example: {f.default})") from None
             values[f.name] = v
         cfg[cls.__name__.replace("Config", "").lower()] = cls(**values)
-    cfg["debug"] = args.debug
+    cfg["preset"] = getattr(args, "preset", "demo")
     return cfg
 
 
@@ -180,6 +182,7 @@ def check_config(cfg):
     if t.batch_size < 1 or t.steps < 1: raise UserError("--batch_size and --steps must be >= 1")
     if t.loss not in ("smooth_l1", "l1", "l2"): raise UserError("--loss: smooth_l1 | l1 | l2")
     if not 0 <= d.holdout < 0.5: raise UserError("--holdout must be in [0, 0.5)")
+    if d.data and not os.path.isdir(d.data): raise UserError(f"--data {d.data}: no such directory")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,7 +564,6 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if t.resume and not os.path.exists(last): raise UserError(f"--resume: no {last} to continue")
     if not t.resume and (os.path.exists(last) or os.path.exists(best_path)):
         raise UserError(f"{t.out} already holds a run: --resume continues it, --out DIR starts a new one")
-    os.makedirs(t.out, exist_ok=True)
     torch.manual_seed(t.seed)
     encoder = ViT(d.img_size, **asdict(m))
     out_dim = teacher.dim if kind == "student" else m.patch_size ** 2
@@ -576,6 +578,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     n_train = len(pool) - n_hold  # the last n_hold images are held out for best.pt
     if n_train < t.batch_size: raise UserError(f"{n_train} training images < --batch_size {t.batch_size}")
     steps = t.steps if t.epochs <= 0 else math.ceil(t.epochs * n_train / t.batch_size)
+    os.makedirs(t.out, exist_ok=True)
 
     def loss_fn(img, ctx, tgt):  # -> loss, student/encoder context tokens
         z = encoder(img, ctx)  # (B, Kc, D)
@@ -627,9 +630,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         lr, wd = schedule(step, steps, t)
         opt.param_groups[0].update(lr=lr, weight_decay=wd); opt.param_groups[1].update(lr=lr)
         idx = batch_indices(step, t.batch_size, n_train, t.seed)
-        img, fan = pool[idx].float() / 255, fans[idx]  # (B, 1, S, S)
+        img = pool[idx].float() / 255  # (B, 1, S, S)
         if d.augment:
-            img, fan = augment(img, fan, torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
+            img, _ = augment(img, fans[idx], torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
         ctx, tgt = sample_masks(np.random.default_rng([t.seed, step]), t.batch_size, encoder.grid, k)
         loss, z = loss_fn(img, ctx, tgt)
         if not torch.isfinite(loss):
@@ -691,6 +694,7 @@ def probe_data(p, size):
         if not os.path.isdir(os.path.join(root, "train")):
             raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench (train_val.json)")
         classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+        if len(classes) < 2: raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
         for split in ("train", "val", "test"):
             if os.path.isdir(os.path.join(root, split)):
                 recs[split] = [(f, c, None) for c, name in enumerate(classes)
@@ -769,9 +773,11 @@ def fit_probe(feats, labels, n_classes, seed, p):
 
 
 def run_probe(p):
-    ck = load_checkpoint(p.ckpt) if p.encoder != "pixels" else None
     if p.encoder not in ("student", "teacher", "random", "pixels", "all"):
         raise UserError(f"--encoder {p.encoder}: student | teacher | random | pixels | all")
+    if p.encoder != "pixels" and not os.path.exists(p.ckpt):
+        raise UserError(f"{p.ckpt}: no such checkpoint (`python us_jepa.py pretrain` writes it; or pass --ckpt)")
+    ck = load_checkpoint(p.ckpt) if p.encoder != "pixels" else None
     size = ck["config"]["data"]["img_size"] if ck else DataConfig.img_size
     names = ["student", "teacher", "random", "pixels"] if p.encoder == "all" else [p.encoder]
     if ck and ck["kind"] == "teacher":  # a stage-1 checkpoint: its model is the teacher, there is no student
@@ -821,11 +827,13 @@ def run_pretrain(cfg):
     t = cfg["train"]
     if not os.path.exists(t.teacher):
         if t.teacher != TrainConfig.teacher: raise UserError(f"--teacher {t.teacher}: no such file")
-        tcfg = parse_config("teacher", [])  # the teacher command's defaults, sharing this run's data and masks
+        tcfg = parse_config("teacher", ["--preset", cfg["preset"]])  # teacher defaults; this run's data, masks
         model = dataclasses.replace(tcfg["model"], model=cfg["model"].model, depth=cfg["model"].depth,
                                     patch_size=cfg["model"].patch_size)
+        # Half the student's budget: SALT finds brief teachers suffice and compute is best spent on the student.
         tcfg.update(data=cfg["data"], mask=cfg["mask"], model=model, train=dataclasses.replace(
-            tcfg["train"], out=os.path.dirname(t.teacher), seed=t.seed, threads=t.threads))
+            tcfg["train"], out=os.path.dirname(t.teacher), seed=t.seed, threads=t.threads,
+            steps=max(1, t.steps // 2), epochs=t.epochs / 2, batch_size=t.batch_size))
         print(f"[pretrain] no teacher at {t.teacher}: training one first (SALT stage 1, "
               f"{tcfg['train'].steps} steps; `python us_jepa.py teacher` trains your own)")
         train(tcfg, "teacher")
@@ -838,13 +846,11 @@ def run_pretrain(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = ("teacher", "pretrain", "probe")
-    if not argv or argv[0] not in commands:
-        print(__doc__.split("Commands:")[1].rstrip(), file=sys.stderr if argv else sys.stdout)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"us_jepa.py: error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}",
-                  file=sys.stderr)
-            sys.exit(2)
-        return
+    if not argv or argv[0] in ("-h", "--help"):
+        return print("usage:" + __doc__.split("Commands:")[1].rstrip())
+    if argv[0] not in commands:
+        print(f"us_jepa.py: error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
+        sys.exit(2)
     cmd = argv[0]
     try:
         cfg = parse_config(cmd, argv[1:])
