@@ -106,13 +106,13 @@ DEFAULTS = {"teacher": dict(out="runs/teacher", steps=300, pred_depth=2, pred_di
 PAPER = dict(img_size=224, model="vit_base", depth=12, pred_depth=12, pred_dim=384, pred_heads=12,
              tgt_scale=(0.075, 0.125), min_keep=10, batch_size=128, epochs=100.0, lr=5e-5,
              start_lr=5e-6, final_lr=5e-7, warmup=0.1, wd=(0.04, 0.4))
-PRESETS = {"demo": {}, "paper": PAPER}
-PAPER_TEACHER = dict(PAPER, pred_depth=8, pred_dim=512, pred_heads=16, lr=1.5e-4, final_lr=1.5e-4,
-                     wd=(0.05, 0.05))  # MAE's decoder (8 x 512) and LR; the paper used URFM instead
+PRESETS = {"demo": {}, "paper": PAPER,  # the paper's teacher was URFM; ours gets MAE's decoder 8 x 512 and LR
+           "paper/teacher": dict(PAPER, pred_depth=8, pred_dim=512, pred_heads=16, lr=1.5e-4, final_lr=1.5e-4,
+                                 wd=(0.05, 0.05))}
 
 
-def _parse_value(typ, text, default):
-    if typ is bool or isinstance(default, bool):
+def _parse_value(text, default):
+    if isinstance(default, bool):
         if text.lower() in ("1", "true", "yes", "on"): return True
         if text.lower() in ("0", "false", "no", "off"): return False
         raise ValueError
@@ -136,7 +136,7 @@ def parse_config(command, argv):
     """Flags -> a dict of section name -> dataclass instance. Precedence: field < command < preset < flag."""
     p = _Parser(prog=f"us_jepa.py {command}", description=f"us_jepa.py {command}")
     if command != "probe":
-        p.add_argument("--preset", choices=list(PRESETS), default="demo", help="demo (CPU) or paper")
+        p.add_argument("--preset", choices=["demo", "paper"], default="demo", help="demo (CPU) or paper")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     for cls in SECTIONS[command]:
         for f in fields(cls):
@@ -145,8 +145,8 @@ def parse_config(command, argv):
             p.add_argument(f"--{f.name}", default=None, metavar=type(default).__name__.upper(),
                            help=f"default: {default}", **flag)
     args = p.parse_args(argv)
-    preset = {"demo": {}, "paper": PAPER_TEACHER if command == "teacher" else PAPER}.get(
-        getattr(args, "preset", "demo"))
+    name = getattr(args, "preset", "demo")
+    preset = PRESETS.get(f"{name}/{command}", PRESETS[name])
     cfg = {}
     for cls in SECTIONS[command]:
         values = {}
@@ -155,13 +155,13 @@ def parse_config(command, argv):
             text = getattr(args, f.name)
             if text is not None:
                 try:
-                    v = _parse_value(f.type, text, f.default)
+                    v = _parse_value(text, f.default)
                 except ValueError:
                     raise UserError(f"--{f.name}: cannot read {text!r} as {type(f.default).__name__}"
                                     f" (example: {f.default})") from None
             values[f.name] = v
         cfg[cls.__name__.replace("Config", "").lower()] = cls(**values)
-    cfg["preset"] = getattr(args, "preset", "demo")
+    cfg["preset"] = name
     return cfg
 
 
@@ -256,11 +256,12 @@ def load_image(path, size, mask_path=None):
     if fan.shape != a.shape: raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
     lo, hi = np.percentile(a[fan], [2, 98]) if fan.any() else (0.0, 1.0)
     a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * fan
-    t = torch.from_numpy(np.stack([a, fan.astype(np.float32)]))[None]  # (1, 2, H, W)
+    t = torch.from_numpy(np.stack([a, fan]).astype(np.float32))[None]  # (1, 2, H, W)
     h, w = a.shape
     t = F.pad(t, ((max(h, w) - w) // 2, (max(h, w) - w + 1) // 2, (max(h, w) - h) // 2, (max(h, w) - h + 1) // 2))
     t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return t[:1].clamp(0, 1), t[1:] > 0.5
+    fan = t[1:] > 0.5
+    return t[:1].clamp(0, 1) * fan, fan
 
 
 def find_images(root):
@@ -775,6 +776,8 @@ def fit_probe(feats, labels, n_classes, seed, p):
 def run_probe(p):
     if p.encoder not in ("student", "teacher", "random", "pixels", "all"):
         raise UserError(f"--encoder {p.encoder}: student | teacher | random | pixels | all")
+    if min(p.seeds, p.epochs, p.patience, p.n_train, p.n_val, p.n_test) < 1 or p.batch_size < 2:
+        raise UserError("--seeds, --epochs, --patience and --n_* must be >= 1, --batch_size >= 2")
     if p.encoder != "pixels" and not os.path.exists(p.ckpt):
         raise UserError(f"{p.ckpt}: no such checkpoint (`python us_jepa.py pretrain` writes it; or pass --ckpt)")
     ck = load_checkpoint(p.ckpt) if p.encoder != "pixels" else None
