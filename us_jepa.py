@@ -73,6 +73,8 @@ class TrainConfig:
     clip: float = 1.0               # gradient-norm clip, 0 = off (not stated in US-JEPA)
     loss: str = "smooth_l1"         # smooth_l1 (paper) | l1 (SALT) | l2
     beta: float = 1.0               # Smooth-L1 transition point (not stated; torch's default)
+    teacher_std: bool = True        # standardise teacher features per channel, stats measured once (ours)
+    pix_pool: int = 4               # stage 1 regresses patches average-pooled by this (1 = MAE's raw pixels)
     log_every: int = 50             # steps between log lines
     eval_every: int = 100           # steps between held-out evaluations (best.pt) and checkpoints
     seed: int = 0                   # seeds init, data order, masks and augmentation
@@ -181,6 +183,7 @@ def check_config(cfg):
         raise UserError("--min_keep must be in [1, patches per image) and --n_targets >= 1")
     if t.batch_size < 1 or t.steps < 1: raise UserError("--batch_size and --steps must be >= 1")
     if t.loss not in ("smooth_l1", "l1", "l2"): raise UserError("--loss: smooth_l1 | l1 | l2")
+    if t.pix_pool < 1 or m.patch_size % t.pix_pool: raise UserError("--pix_pool must divide --patch_size")
     if not 0 <= d.holdout < 0.5: raise UserError("--holdout must be in [0, 0.5)")
     if d.data and not os.path.isdir(d.data): raise UserError(f"--data {d.data}: no such directory")
 
@@ -191,22 +194,136 @@ def check_config(cfg):
 # and scan conversion, with lesions whose shape (not brightness, size or position) carries the label.
 
 TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"]}
+NA = 256  # angular samples of a mass outline R(phi)
+SHAPES = {  # aspect w/h, tilt (rad), lobulation, spicules (n_min, n_max, length), margin width, internal texture (dB)
+    "benign": ((1.4, 2.4), (-0.2, 0.2), (0.0, 0.03), (0, 0, 0.0), (0.003, 0.008), (0, 1)),  # oval, circumscribed, wide
+    "malignant": ((0.45, 0.8), (-0.3, 0.3), (0.08, 0.2), (8, 14, 1.0), (0.003, 0.008), (3, 6)),  # spiculated, tall
+    "normal": ((1.0, 2.2), (0.0, math.pi), (0.0, 0.05), (0, 0, 0.0), (0.03, 0.06), (0, 2))}  # fat lobule: soft, any tilt
 
-def synth_batch(indices, size=96, seed=0, task="lesion"):  # placeholder until the simulator lands
-    g = torch.Generator()
-    imgs, fans, labels = [], [], []
-    for i in indices:
-        g.manual_seed(hash((seed, task, int(i))) % 2**62)
-        lab = int(i) % len(TASKS[task])
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-        cx, cy = (torch.rand(2, generator=g) - 0.5).tolist()
-        a, b = (0.3, 0.18) if lab == 1 else (0.18, 0.3)
-        les = ((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2 < 1
-        echo = torch.where(les, 0.2, 1.0)
-        env = (echo * torch.randn(size, size, generator=g) ** 2 + echo * torch.randn(size, size, generator=g) ** 2).sqrt()
-        img = (20 * torch.log10(env / env.max() + 1e-6) / 50 + 1).clamp(0, 1)
-        imgs.append(img[None]); fans.append(torch.ones(1, size, size, dtype=torch.bool)); labels.append(lab)
-    return torch.stack(imgs), torch.stack(fans), torch.tensor(labels)
+
+def _outline(rng, kind):
+    """Radius table R(phi), phi = atan2(dz, dx), of a star-shaped mass, and its margin width. Area is class-free."""
+    (a0, a1), (t0, t1), (l0, l1), (n0, n1, ls), (e0, e1), _ = SHAPES[kind]
+    phi = np.linspace(-np.pi, np.pi, NA, endpoint=False)
+    asp, a, edge = rng.uniform(a0, a1), phi - rng.uniform(t0, t1), rng.uniform(e0, e1)
+    g = 1 / np.sqrt(np.cos(a) ** 2 / asp + np.sin(a) ** 2 * asp)  # ellipse, semi-axes sqrt(asp) and 1/sqrt(asp)
+    k = np.arange(2, 7)[:, None]  # lobulation: random low harmonics of the radius
+    lob = rng.uniform(l0, l1) * rng.standard_normal((5, 1)) * 2 / k * np.cos(k * phi + rng.uniform(0, 7, (5, 1)))
+    g = g * (1 + lob.sum(0))
+    n = rng.integers(n0, n1 + 1)  # spicules: tapering spikes (triangular in angle) radiating from the margin
+    dphi = np.abs(np.angle(np.exp(1j * (phi - rng.uniform(-np.pi, np.pi, (n, 1))))))  # (n, NA)
+    g = g + (rng.uniform(0.4, 1, (n, 1)) * ls * np.clip(1 - dphi / rng.uniform(0.12, 0.3, (n, 1)), 0, None)).sum(0)
+    # Same area distribution for every class: pi r_eq^2 = 1/2 int R^2 dphi + (soft-margin excess pi^3/3 edge^2).
+    r_eq = rng.uniform(0.32, 0.48)
+    return g / np.sqrt((g ** 2).mean()) * np.sqrt(r_eq ** 2 - np.pi ** 2 / 3 * edge ** 2), edge
+
+
+def _draw(rng, kind):
+    """All random parameters of one image (display units; dB for echo levels)."""
+    # Probe: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear (half-aperture w).
+    p = dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
+             w=rng.uniform(0.75, 1.0))
+    p["R"], p["edge"] = _outline(rng, kind)  # the only label-dependent draws: outline and internal echo texture
+    p["het"] = rng.standard_normal((8, 8)) * rng.uniform(*SHAPES[kind][5])  # heterogeneous (malignant) or not
+    u, p["cz"] = rng.uniform(-0.45, 0.45), rng.uniform(0.5, 1.35)  # mass centre: beam coordinate u, depth z
+    ctr = (p["cz"] + p["r0"] * np.cos(p["tm"])) * np.tan(u * p["tm"]) if p["sector"] else u * p["w"]
+    p["cx"] = np.clip(ctr, -0.6, 0.6)
+    con = [rng.uniform(-24, -12), rng.uniform(-11, -7), rng.uniform(7, 13)]  # mass contrast (dB): hypo, mild, hyper
+    p["con"] = rng.choice(con, p=[0.45, 0.25, 0.3])
+    p["post"] = rng.choice([rng.uniform(-14, -5), 0.0, rng.uniform(3, 9)])  # posterior shadow / none / enhancement (dB)
+    p.update(lb=np.sort(rng.uniform([.03, .2, .8, 1.5], [.09, .55, 1.5, 2.3])), la=rng.uniform(0, [.03, .08, .12, .12]),
+             lf=rng.uniform(1, 5, 4), lp=rng.uniform(0, 7, 4), lq=rng.uniform(0, 7, 4), spec=rng.uniform(0, 8, 4),
+             lv=rng.uniform([-2, -18, -6, -16, -10], [4, -8, 2, -4, 0]))  # 4 boundaries; skin fat gland muscle deep
+    p["tex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 4)  # low-frequency tissue texture (dB)
+    p.update(ccx=rng.uniform(-.7, .7, 2), ccz=rng.uniform(.3, 1.8, 2), ce=rng.uniform(1, 3, 2),  # 0-2 cysts / vessels
+             cr=np.where(rng.random(2) < 0.4, rng.uniform(0.03, 0.08, 2), -1.0))
+    p.update(f=rng.uniform(2.5, 7), D=rng.uniform(3, 8), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
+             aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
+             sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
+             dr=rng.uniform(40, 65), top=rng.uniform(12, 24), gam=rng.uniform(1, 1.6))  # dynamic range, gain, gray map
+    return p
+
+
+def bmode(echo, noise=None, sig_ax=1.0, sig_lat=1.0, dr_db=50.0, top_db=0.0, gamma=1.0):
+    """Echo (B, Z, X): mean backscattered intensity (linear) on the beam grid -> (envelope, image in [0, 1]), both
+    (B, Z, X). noise (B, 2, Z, X): standard normals (real, imag) for reproducibility; PSF sigmas in samples / beams."""
+    B, Z, X = echo.shape
+    noise = torch.randn(B, 2, Z, X) if noise is None else noise
+    s = noise * torch.sqrt(echo / 2)[:, None]  # (B, 2, Z, X) complex Gaussian scatterers, E|s|^2 = echogenicity
+    k, per_img = torch.arange(-5, 6.0), lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1).expand(B, 1)
+    # Separable PSF: Gaussian pulse envelope (axial) x Gaussian beam profile (lateral), unit energy. We work at
+    # baseband (IQ): for circular Gaussian scatterers the carrier does not change the envelope statistics.
+    ka, kl = [torch.exp(-0.5 * (k / per_img(sg)) ** 2) for sg in (sig_ax, sig_lat)]  # (B, 11)
+    ka, kl = [(kk / kk.norm(dim=1, keepdim=True)).repeat_interleave(2, 0) for kk in (ka, kl)]  # (2B, 11)
+    s = F.conv2d(s.reshape(1, 2 * B, Z, X), ka.view(2 * B, 1, 11, 1), padding=(5, 0), groups=2 * B)  # axial
+    s = F.conv2d(s, kl.view(2 * B, 1, 1, 11), padding=(0, 5), groups=2 * B).view(B, 2, Z, X)  # lateral
+    env = torch.hypot(s[:, 0], s[:, 1])  # (B, Z, X) envelope |I + iQ|: Rayleigh in homogeneous tissue
+    top, dr, gam = [per_img(v).view(B, 1, 1) for v in (top_db, dr_db, gamma)]
+    img = (1 + (20 * torch.log10(env + 1e-6) - top) / dr).clamp(0, 1) ** gam  # log compression, gain, gray map
+    return env, img
+
+
+def synth_batch(indices, size=96, seed=0, task="lesion"):
+    """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
+    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
+    names, Z, X = TASKS[task], size, size
+    ps, noise, labels = [], [], []
+    for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
+        rng = np.random.default_rng([seed, len(names), int(i)])
+        labels.append(int(i) % len(names))  # balanced classes
+        ps.append(_draw(rng, names[labels[-1]]))
+        noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
+    B = len(ps)
+    P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
+    # Beam grid -> physical position. Sector: beams fan out from an apex r0*cos(tm) above the image top;
+    # linear: parallel vertical beams. A beam is 2 display units long in both cases (= D cm).
+    t = torch.linspace(0, 1, Z).view(1, 1, Z, 1)  # fraction of the imaging depth along a beam
+    s = torch.linspace(-1, 1, X).view(1, 1, 1, X)  # beam index in [-1, 1]
+    sec, r0, tm = P["sector"] > 0, P["r0"], P["tm"]
+    r, th = r0 + 2 * t, s * tm  # (B, 1, Z, X) range from the apex, beam angle
+    x = torch.where(sec, r * torch.sin(th), P["w"] * s)  # (B, 1, Z, X)
+    z = torch.where(sec, r * torch.cos(th) - r0 * torch.cos(tm), 2 * t)  # (B, 1, Z, X)
+    # Tissue layers: wavy boundaries, smooth steps of echogenicity and a bright specular (fascia) line on each.
+    d = z - P["lb"] - P["la"] * (torch.sin(P["lf"] * x + P["lp"]) + 0.5 * torch.sin(2.7 * P["lf"] * x + P["lq"]))
+    lv = P["lv"]  # d: (B, 4, Z, X) signed depth below each boundary; lv: (B, 5, 1, 1) layer levels (dB)
+    db = lv[:, :1] + ((lv[:, 1:] - lv[:, :-1]) * torch.sigmoid(d / .01) + P["spec"] * torch.exp(-(d / .012) ** 2)).sum(
+        1, keepdim=True)  # (B, 1, Z, X)
+    xz = torch.cat([x, z - 1], 1).permute(0, 2, 3, 1)  # (B, Z, X, 2) positions in grid_sample's [-1, 1] units
+    db = db + F.grid_sample(P["tex"].view(B, 1, 6, 6), xz, mode="bicubic", align_corners=True)  # smooth texture
+    # The mass (or pseudo-mass): soft membership from its outline; it replaces the tissue it displaces by a uniform
+    # level = that tissue's mean + contrast, so the contrast does not depend on which layer it sits in.
+    dx, dz = x - P["cx"], z - P["cz"]
+    idx = ((torch.atan2(dz, dx) + math.pi) * (NA / (2 * math.pi))).long().clamp(max=NA - 1)  # (B, 1, Z, X)
+    R = torch.gather(P["R"].view(B, NA), 1, idx.view(B, -1)).view_as(dx)  # (B, 1, Z, X) outline radius there
+    m = torch.sigmoid((R - torch.sqrt(dx ** 2 + dz ** 2)) / P["edge"])  # (B, 1, Z, X) 1 inside the mass
+    lvl = (db * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp(min=1)  # (B, 1, 1, 1)
+    het = F.grid_sample(P["het"].view(B, 1, 8, 8), torch.cat([2 * dx, dz], 1).permute(0, 2, 3, 1), mode="bicubic",
+                        align_corners=True)  # (B, 1, Z, X) internal echo texture, over a 1 x 2 box around the mass
+    db = db + m * (lvl + P["con"] + het - db)
+    # Small anechoic cysts / vessel cross-sections (distractors): elliptic, fluid-filled.
+    mc = torch.sigmoid((P["cr"] - torch.sqrt(((x - P["ccx"]) / P["ce"]) ** 2 + (z - P["ccz"]) ** 2)) / .006)
+    mc = mc.sum(1, keepdim=True)  # (B, 1, Z, X)
+    db = db + mc.clamp(max=1) * (-35 - db)
+    # Attenuation accumulates along each beam: a mass that attenuates more (shadow) or less (enhancement) than tissue
+    # changes everything behind it. Normalised by the mass's longest path: posterior dB independent of its height.
+    # Fluid barely attenuates: cysts enhance by 40 dB per display unit of path.
+    thick = m.sum(2, keepdim=True).amax(3, keepdim=True).clamp(min=1)  # (B, 1, 1, 1) samples
+    db = db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2)  # (B, 1, Z, X)
+    # Tissue attenuation (round trip 2 alpha f depth dB) minus time-gain compensation set for a slightly wrong alpha,
+    # plus TGC slider wiggles: a residual, random depth-dependent brightness.
+    kk = torch.arange(1, 4.0).view(1, 3, 1, 1)
+    db = db - 2 * P["al"] * P["aerr"] * P["f"] * P["D"] * t + (P["tgc"] * torch.cos(math.pi * kk * t)).sum(1, True)
+    env, img = bmode(10 ** (db[:, 0] / 10), torch.stack(noise), P["sa"].view(-1), P["sl"].view(-1),
+                     P["dr"].view(-1), P["top"].view(-1), P["gam"].view(-1))  # (B, Z, X)
+    # Scan conversion: every display pixel looks up its (beam, depth) coordinate; bilinear interpolation.
+    zd, xd = torch.meshgrid(torch.linspace(0, 2, size), torch.linspace(-1, 1, size), indexing="ij")  # (size, size)
+    r0, tm, w = r0.view(B, 1, 1), tm.view(B, 1, 1), P["w"].view(B, 1, 1)
+    za = zd + r0 * torch.cos(tm)  # (B, size, size) depth below the virtual apex
+    u = torch.where(sec.view(B, 1, 1), torch.atan2(xd, za) / tm, xd / w)  # (B, size, size) beam coordinate
+    v = torch.where(sec.view(B, 1, 1), torch.sqrt(xd ** 2 + za ** 2) - r0 - 1, zd - 1)  # (B, size, size) depth
+    fan = ((u.abs() <= 1) & (v.abs() <= 1))[:, None]  # (B, 1, size, size) inside the field of view
+    imgs = F.grid_sample(img[:, None], torch.stack([u, v], -1), align_corners=True) * fan  # (B, 1, size, size)
+    return imgs, fan, torch.tensor(labels, dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -436,10 +553,12 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(self.dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(self.dim, eps=1e-6)
         self.apply(init_weights)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # MAE: initialise the patch projection like a Linear
 
     def forward(self, img, idx=None):
         """img (B, 1, H, W); idx (B, K) patch indices to keep (the context) or None for all -> (B, K or N, D)."""
-        x = self.patch_embed(img) + self.pos_embed  # (B, N, D)
+        x = self.patch_embed((img - 0.5) / 0.25) + self.pos_embed  # (B, N, D); pixels [0, 1] -> [-2, 2]
         if idx is not None:
             x = apply_masks(x, idx[None])  # (B, K, D): the encoder never sees the dropped patches
         for blk in self.blocks:
@@ -495,9 +614,11 @@ def patchify(img, p):
     return x.reshape(B, (H // p) * (W // p), p * p)
 
 
-def mae_loss(pred, img, tgt_idx, p):
-    """Stage 1 (MAE): MSE between decoded pixels (M*B, K, p*p) and per-patch-normalised target pixels."""
-    target = apply_masks(patchify(img, p), tgt_idx)  # (M*B, K, p*p)
+def mae_loss(pred, img, tgt_idx, p, pool=1):
+    """Stage 1 (MAE): MSE between decoded pixels (M*B, K, (p/pool)^2) and per-patch-normalised target pixels.
+    pool > 1 regresses each patch average-pooled by `pool` (ours): speckle is an interference pattern that no
+    context can predict, and with MAE's raw pixels it made most of the target (measured: teacher ~ random)."""
+    target = apply_masks(patchify(F.avg_pool2d(img, pool), p // pool), tgt_idx)  # (M*B, K, (p/pool)^2)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     return F.mse_loss(pred, target)
 
@@ -567,7 +688,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         raise UserError(f"{t.out} already holds a run: --resume continues it, --out DIR starts a new one")
     torch.manual_seed(t.seed)
     encoder = ViT(d.img_size, **asdict(m))
-    out_dim = teacher.dim if kind == "student" else m.patch_size ** 2
+    out_dim = teacher.dim if kind == "student" else (m.patch_size // t.pix_pool) ** 2
     head = Predictor(encoder.grid, encoder.dim, m.pred_dim, m.pred_depth, m.pred_heads, out_dim)
     if teacher is not None and teacher.grid != encoder.grid:
         raise UserError(f"teacher sees a {teacher.grid}x{teacher.grid} patch grid, the student "
@@ -584,11 +705,16 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     def loss_fn(img, ctx, tgt):  # -> loss, student/encoder context tokens
         z = encoder(img, ctx)  # (B, Kc, D)
         pred = head(z, ctx, tgt)  # (M*B, Kt, out_dim)
-        if kind == "teacher": return mae_loss(pred, img, tgt, m.patch_size), z
+        if kind == "teacher": return mae_loss(pred, img, tgt, m.patch_size, t.pix_pool), z
         with torch.no_grad():
-            feats = teacher(img)  # (B, N, Dt): the frozen teacher sees the whole image
+            feats = (teacher(img) - mu) / sd  # (B, N, Dt): the frozen teacher sees the whole image
         return salt_loss(pred, feats, tgt, t.loss, t.beta), z
 
+    mu, sd = 0.0, 1.0
+    if teacher is not None and t.teacher_std:  # fixed per-channel statistics of the frozen teacher (ours): without
+        with torch.no_grad():  # them ~70 % of the layer-normed target is one constant vector (measured), learnt
+            f = torch.cat([teacher(pool[i:i + 256].float() / 255) for i in range(0, min(1024, n_train), 256)])
+        mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # in 100 steps, after which the probe stayed at chance
     named = [(n, p) for mod in (encoder, head) for n, p in mod.named_parameters()]
     no_decay = [p for n, p in named if p.ndim < 2 or n.endswith(".bias")]  # biases, norms (I-JEPA)
     opt = torch.optim.AdamW([{"params": [p for n, p in named if not (p.ndim < 2 or n.endswith(".bias"))]},
