@@ -52,7 +52,7 @@ class ModelConfig:
 @dataclass
 class MaskConfig:
     n_targets: int = 4              # target blocks per image (paper)
-    tgt_scale: tuple = (0.15, 0.25) # target block area / image (paper 0.075,0.125 is for a 14x14 grid)
+    tgt_scale: tuple = (0.1, 0.15)  # target block area / image (paper: 0.075,0.125 on 14x14; see README)
     tgt_aspect: tuple = (0.75, 1.5) # target block height/width (paper)
     ctx_scale: tuple = (0.85, 1.0)  # context block area / image, before targets are removed (paper)
     min_keep: int = 4               # fewest context patches (paper: 10 of 196; we have 36 patches)
@@ -61,7 +61,7 @@ class MaskConfig:
 class TrainConfig:
     out: str = "runs/pretrain"      # run folder: last.pt, best.pt, log.jsonl
     teacher: str = "runs/teacher/best.pt"  # frozen teacher checkpoint (pretrain only)
-    steps: int = 600                # optimiser steps (fixed count, so schedules are reproducible)
+    steps: int = 500                # optimiser steps (fixed count, so schedules are reproducible)
     epochs: float = 0.0             # if > 0, overrides steps: epochs x training images / batch_size
     batch_size: int = 64            # images per step (paper: 128)
     lr: float = 1e-3                # peak learning rate (paper: 5e-5 at batch 128, ViT-B)
@@ -103,7 +103,7 @@ ENCODERS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)} 
 SECTIONS = {"teacher": (DataConfig, ModelConfig, MaskConfig, TrainConfig),
             "pretrain": (DataConfig, ModelConfig, MaskConfig, TrainConfig), "probe": (ProbeConfig,)}
 # Stage 1 trains a small pixel decoder for a short budget at a constant LR (SALT: a brief teacher suffices).
-DEFAULTS = {"teacher": dict(out="runs/teacher", steps=300, pred_depth=2, pred_dim=128, pred_heads=4,
+DEFAULTS = {"teacher": dict(out="runs/teacher", steps=250, pred_depth=2, pred_dim=128, pred_heads=4,
                             final_lr=1e-3, wd=(0.05, 0.05))}
 PAPER = dict(img_size=224, model="vit_base", depth=12, pred_depth=12, pred_dim=384, pred_heads=12,
              tgt_scale=(0.075, 0.125), min_keep=10, batch_size=128, epochs=100.0, lr=5e-5,
@@ -715,10 +715,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         with torch.no_grad():  # them ~70 % of the layer-normed target is one constant vector (measured), learnt
             f = torch.cat([teacher(pool[i:i + 256].float() / 255) for i in range(0, min(1024, n_train), 256)])
         mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # in 100 steps, after which the probe stayed at chance
-    named = [(n, p) for mod in (encoder, head) for n, p in mod.named_parameters()]
-    no_decay = [p for n, p in named if p.ndim < 2 or n.endswith(".bias")]  # biases, norms (I-JEPA)
-    opt = torch.optim.AdamW([{"params": [p for n, p in named if not (p.ndim < 2 or n.endswith(".bias"))]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+    params = [p for mod in (encoder, head) for p in mod.parameters()]  # no decay on biases and norms (1-D):
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},  # I-JEPA
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
     start, best = 0, float("inf")
     config = {"data": asdict(d), "model": asdict(m), "mask": asdict(k), "train": asdict(t)}
     if t.resume:
@@ -766,16 +765,15 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
             raise UserError(f"loss is {loss.item()} at step {step}: stopping; {last} holds the last good state")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if t.clip > 0: torch.nn.utils.clip_grad_norm_([p for _, p in named], t.clip)
+        if t.clip > 0: torch.nn.utils.clip_grad_norm_(params, t.clip)
         opt.step()
         busy, seen = busy + time.time() - tic, seen + t.batch_size
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             std = z.detach().mean(1).std(0).mean().item()  # across images: near 0 would mean collapse
-            row = dict(step=step + 1, loss=round(loss.item(), 5), lr=lr, wd=round(wd, 4),
-                       img_s=round(seen / busy, 1), feat_std=round(std, 4))
             print(f"[{kind}] step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | wd {wd:.3f} | "
                   f"{seen / busy:.0f} img/s | feat std {std:.3f}", flush=True)
-            log.write(json.dumps(row) + "\n"); log.flush()
+            log.write(json.dumps(dict(step=step + 1, loss=loss.item(), lr=lr, wd=wd, img_s=seen / busy,
+                                      feat_std=std)) + "\n"); log.flush()
         if (step + 1) % t.eval_every == 0 or step + 1 == steps:
             held = evaluate() if n_hold else loss.item()
             log.write(json.dumps(dict(step=step + 1, heldout_loss=round(held, 5))) + "\n"); log.flush()
