@@ -1,4 +1,6 @@
 """Data: real-image preprocessing (fan mask, grayscale, 16-bit, RGBA), augmentation, and the synthetic tasks."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,37 @@ def test_augment_keeps_range_and_zero_outside_fan():
     y2, _ = U.augment(x, fan, torch.Generator().manual_seed(0), (0.6, 1.0))
     assert torch.equal(y, y2)  # seeded by the step: resume-exact
     assert not torch.equal(y, U.augment(x, fan, torch.Generator().manual_seed(1), (0.6, 1.0))[0])
+
+
+def test_synthetic_is_deterministic_per_index():
+    a = U.synth_batch([5, 7, 9], 64, 3, "lesion3")
+    b = U.synth_batch([9, 1, 5], 64, 3, "lesion3")
+    assert torch.equal(a[0][0], b[0][2]) and torch.equal(a[0][2], b[0][0]) and torch.equal(a[1][0], b[1][2])
+    assert a[2].tolist() == [2, 1, 0] and b[2].tolist() == [0, 1, 2]  # balanced: label = index mod classes
+    assert not torch.equal(a[0][0], U.synth_batch([5], 64, 4, "lesion3")[0][0])  # another seed, another image
+    img, fan, _ = a
+    assert img.dtype == torch.float32 and fan.dtype == torch.bool and img.min() >= 0 and img.max() <= 1
+    assert (img[~fan] == 0).all() and 0.3 < fan.float().mean() < 1.0
+
+
+def test_speckle_envelope_is_rayleigh():
+    """Fully developed speckle: the envelope of a complex Gaussian field has mean/std = sqrt(pi / (4 - pi))
+    and E[A^2] / E[A]^2 = 4 / pi, whatever the PSF."""
+    g = torch.Generator().manual_seed(0)
+    env, img = U.bmode(torch.ones(4, 128, 128), torch.randn(4, 2, 128, 128, generator=g), 0.8, 1.2)
+    a = env[:, 10:-10, 10:-10]  # away from the convolution's zero padding
+    assert abs(a.mean() / a.std() / math.sqrt(math.pi / (4 - math.pi)) - 1) < 0.05
+    assert abs((a ** 2).mean() / a.mean() ** 2 / (4 / math.pi) - 1) < 0.03
+    assert img.shape == env.shape and img.min() >= 0 and img.max() <= 1
+
+
+@pytest.mark.parametrize("task", ["lesion", "lesion3"])
+def test_trivial_features_stay_near_chance(task):
+    """The label is in the lesion's shape and texture, not in brightness, size, position or probe geometry:
+    a linear probe on an intensity histogram + 16x16 pixels must stay within chance + 0.15 (macro-F1)."""
+    p = U.ProbeConfig(task=task, n_train=900, n_val=300, n_test=600, epochs=60, patience=10)
+    data, classes = U.probe_data(p, 96)
+    feats = {s: U.pixel_features(v[0], v[1]) for s, v in data.items()}
+    labels = {s: v[2] for s, v in data.items()}
+    f1 = np.mean([U.fit_probe(feats, labels, len(classes), seed, p)["macro_f1"] for seed in range(2)])
+    assert f1 <= 1 / len(classes) + 0.15, f1

@@ -68,3 +68,11 @@ def test_mae_loss_targets_are_normalised_patches():
     want = (want - want.mean(-1, keepdim=True)) / (want.var(-1, keepdim=True) + 1e-6).sqrt()
     assert torch.allclose(U.mae_loss(want, img, tgt, 16), torch.tensor(0.0), atol=1e-6)
     assert torch.allclose(U.mae_loss(torch.zeros_like(want), img, tgt, 16), (want ** 2).mean())
+
+
+def test_mae_loss_with_pooled_targets():
+    img = torch.rand(1, 1, 32, 32)
+    tgt = torch.tensor([[[2]]])  # patch 2 = rows 16-31, cols 0-15
+    want = F.avg_pool2d(img[:, :, 16:, :16], 4).flatten()  # (16,)
+    want = (want - want.mean()) / (want.var() + 1e-6).sqrt()
+    assert torch.allclose(U.mae_loss(want.view(1, 1, 16), img, tgt, 16, pool=4), torch.tensor(0.0), atol=1e-6)
