@@ -1,6 +1,10 @@
-"""pip install -e .          installs us_jepa.py (the method) and its command line
-pip install -e ".[test]"  adds pytest for the test suite
-Install torch first (`pip install torch==2.13.0` takes the CPU wheel); an unpinned torch may pull a CUDA build."""
+"""pip install -e .          installs us_jepa.py (the method), its command line and kernels/
+pip install -e ".[test]"  adds pytest, and Triton 3.7.1 for the kernel tests under the interpreter
+Install torch first (`pip install torch==2.13.0` takes the CPU wheel); an unpinned torch may pull a CUDA build.
+
+kernels/csrc (the C++/CUDA extension) is built with ninja on first use (torch.utils.cpp_extension.load), not
+here: this file then needs no torch at install time (no --no-build-isolation), the README's commands stay
+plain, and the CUDA part is built exactly when torch is a CUDA build and nvcc is found (kernels/ext.py)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -10,7 +14,8 @@ setup(
     py_modules=["us_jepa"],
     packages=find_packages(include=["kernels", "kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pillow"],
-    extras_require={"test": ["pytest"]},
+    package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},
+    install_requires=["torch>=2.4", "numpy", "pillow", "ninja"],
+    extras_require={"test": ["pytest", "triton==3.7.1"]},  # CUDA torch 2.13's pin; on CPU only the interpreter
     entry_points={"console_scripts": ["us-jepa=us_jepa:main"]},
 )

@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0                   # seeds init, data order, masks and augmentation
     threads: int = 0                # torch CPU threads, 0 = torch's default
     resume: bool = False            # continue the run in --out from last.pt
+    kernels: str = "auto"           # masked gather + SALT loss: auto | torch (references) | cpp | triton | cuda
 
 @dataclass
 class ProbeConfig:
@@ -350,8 +351,7 @@ def fan_mask(a):
         first = np.where(m.any(axis), m.argmax(axis), m.shape[axis])
         last = m.shape[axis] - 1 - np.flip(m, axis).argmax(axis)
         m = (idx >= np.expand_dims(first, axis)) & (idx <= np.expand_dims(last, axis))
-    m = np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
-    return m
+    return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
 
 
 def load_image(path, size, mask_path=None):
@@ -382,18 +382,15 @@ def load_image(path, size, mask_path=None):
 
 
 def find_images(root):
-    if not os.path.isdir(root): raise UserError(f"--data {root}: no such directory")
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                    if p.lower().endswith(IMAGE_EXTS))
     if not files: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return files
 
 
-def to_uint8(x): return (x * 255).round().to(torch.uint8)
-
-
 def load_pool(d, seed):
     """The pretraining images as uint8 (N, 1, S, S) plus fan masks, kept in memory (96 px: 9 KB an image)."""
+    to_uint8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
     if not d.data:  # synthetic: unlabeled images drawn from all three lesion3 classes, seeds apart from probes
         chunks = [synth_batch(range(i, min(i + 256, d.n_images)), d.img_size, 1000 + seed, "lesion3")
                   for i in range(0, d.n_images, 256)]
@@ -487,6 +484,9 @@ def apply_masks(x, idx):
     return torch.gather(xs, 2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])).flatten(0, 1)  # (M*B, K, D)
 
 
+gather = apply_masks  # what the models call; `--kernels` may rebind it to a fused op from kernels/ (set_kernels)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Models: a ViT that can run on a subset of its patches, and I-JEPA's narrow predictor. Parameter names
 # follow timm's VisionTransformer (patch_embed.proj, blocks.N.attn.qkv, ...) so outside weights map directly.
@@ -494,8 +494,7 @@ def apply_masks(x, idx):
 def sincos_pos_embed(dim, grid):
     """Fixed 2-D sin-cos positions (MAE/I-JEPA): half the channels encode the row, half the column. (N, dim)"""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
-    r, c = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                          indexing="ij")
+    r, c = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")  # (grid, grid) each
     out = [f(p.flatten()[:, None] * omega) for p in (r, c) for f in (torch.sin, torch.cos)]  # 4 x (N, dim/4)
     return torch.cat(out, 1).float()  # (N, dim)
 
@@ -560,7 +559,7 @@ class ViT(nn.Module):
         """img (B, 1, H, W); idx (B, K) patch indices to keep (the context) or None for all -> (B, K or N, D)."""
         x = self.patch_embed((img - 0.5) / 0.25) + self.pos_embed  # (B, N, D); pixels [0, 1] -> [-2, 2]
         if idx is not None:
-            x = apply_masks(x, idx[None])  # (B, K, D): the encoder never sees the dropped patches
+            x = gather(x, idx[None])  # (B, K, D): the encoder never sees the dropped patches
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -584,9 +583,9 @@ class Predictor(nn.Module):
         """ctx (B, Kc, D_enc), ctx_idx (B, Kc), tgt_idx (M, B, Kt) -> (M*B, Kt, out_dim), mask-major."""
         M, B, Kt = tgt_idx.shape
         pos = self.pos_embed.expand(B, -1, -1)  # (B, N, d)
-        x = self.embed(ctx) + apply_masks(pos, ctx_idx[None])  # (B, Kc, d)
+        x = self.embed(ctx) + gather(pos, ctx_idx[None])  # (B, Kc, d)
         x = x.repeat(M, 1, 1)  # (M*B, Kc, d): one copy of the context per target block
-        t = self.mask_token + apply_masks(pos, tgt_idx)  # (M*B, Kt, d)
+        t = self.mask_token + gather(pos, tgt_idx)  # (M*B, Kt, d)
         x = torch.cat([x, t], 1)  # (M*B, Kc + Kt, d)
         for blk in self.blocks:
             x = blk(x)
@@ -609,9 +608,7 @@ def salt_loss(pred, feats, tgt_idx, kind="smooth_l1", beta=1.0):
 
 def patchify(img, p):
     """(B, 1, H, W) -> (B, N, p*p) pixels of each patch in row-major patch order."""
-    B, _, H, W = img.shape
-    x = img.reshape(B, H // p, p, W // p, p).permute(0, 1, 3, 2, 4)  # (B, H/p, W/p, p, p)
-    return x.reshape(B, (H // p) * (W // p), p * p)
+    return F.unfold(img, p, stride=p).transpose(1, 2)  # (B, p*p, N) -> (B, N, p*p)
 
 
 def mae_loss(pred, img, tgt_idx, p, pool=1):
@@ -679,6 +676,19 @@ def build_encoder(config, state=None, path="checkpoint"):
     return vit
 
 
+def set_kernels(name, device="cpu"):
+    """--kernels: fused masked_gather + salt_loss from kernels/ (they match the references above, as
+    tests/test_kernels.py checks); 'torch' keeps the references. Rebinds the models' `gather`; returns the loss."""
+    global gather
+    ops = None
+    if name != "torch":
+        import kernels
+        try: ops = kernels.select(name, device)  # auto: the fastest that runs here (None: none does), said once
+        except RuntimeError as e: raise UserError(str(e)) from None
+    gather = ops.masked_gather if ops else apply_masks
+    return ops.salt_loss if ops else salt_loss
+
+
 def train(cfg, kind, teacher=None, teacher_ck=None):
     """Stage 1 (kind='teacher') or stage 2 (kind='student'). Writes last.pt, best.pt and log.jsonl to --out."""
     d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
@@ -686,6 +696,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if t.resume and not os.path.exists(last): raise UserError(f"--resume: no {last} to continue")
     if not t.resume and (os.path.exists(last) or os.path.exists(best_path)):
         raise UserError(f"{t.out} already holds a run: --resume continues it, --out DIR starts a new one")
+    loss_salt = set_kernels(t.kernels)
     torch.manual_seed(t.seed)
     encoder = ViT(d.img_size, **asdict(m))
     out_dim = teacher.dim if kind == "student" else (m.patch_size // t.pix_pool) ** 2
@@ -708,7 +719,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         if kind == "teacher": return mae_loss(pred, img, tgt, m.patch_size, t.pix_pool), z
         with torch.no_grad():
             feats = (teacher(img) - mu) / sd  # (B, N, Dt): the frozen teacher sees the whole image
-        return salt_loss(pred, feats, tgt, t.loss, t.beta), z
+        return loss_salt(pred, feats, tgt, t.loss, t.beta), z
 
     mu, sd = 0.0, 1.0
     if teacher is not None and t.teacher_std:  # fixed per-channel statistics of the frozen teacher (ours): without
@@ -742,13 +753,8 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         encoder.train(); head.train()
         return sum(losses) / n_hold
 
-    def checkpoint(step, best):
-        ck = {"kind": kind, "config": config, "step": step, "best": best, "model": encoder.state_dict(),
-              "head": head.state_dict(), "opt": opt.state_dict()}
-        if teacher is not None:  # the teacher travels with its student, so `probe` can compare them
-            ck["teacher"] = {"config": teacher_ck["config"], "model": teacher.state_dict()}
-        return ck
-
+    # the teacher travels with its student, so `probe` can compare them
+    carry = {} if teacher is None else {"teacher": {"config": teacher_ck["config"], "model": teacher.state_dict()}}
     log = open(os.path.join(t.out, "log.jsonl"), "a")
     t0, seen, busy = time.time(), 0, 0.0
     for step in range(start, steps):
@@ -777,9 +783,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         if (step + 1) % t.eval_every == 0 or step + 1 == steps:
             held = evaluate() if n_hold else loss.item()
             log.write(json.dumps(dict(step=step + 1, heldout_loss=round(held, 5))) + "\n"); log.flush()
-            is_best = held < best
-            best = min(best, held)
-            ck = checkpoint(step + 1, best)
+            is_best, best = held < best, min(best, held)
+            ck = {"kind": kind, "config": config, "step": step + 1, "best": best, "model": encoder.state_dict(),
+                  "head": head.state_dict(), "opt": opt.state_dict(), **carry}
             save_atomic(ck, last)
             if is_best: save_atomic(ck, best_path)
             print(f"[{kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' if is_best else ''}", flush=True)
@@ -856,12 +862,9 @@ def pixel_features(imgs, fans):
 
 def f1_scores(pred, y, n_classes):
     """Per-class F1 = 2TP / (2TP + FP + FN); a class never predicted nor present scores 0."""
-    out = []
-    for c in range(n_classes):
-        tp = ((pred == c) & (y == c)).sum().item()
-        fp, fn = ((pred == c) & (y != c)).sum().item(), ((pred != c) & (y == c)).sum().item()
-        out.append(2 * tp / max(1, 2 * tp + fp + fn))
-    return out
+    c = torch.arange(n_classes)[:, None]  # (C, 1) against (N,): 2TP + FP + FN = #predicted c + #true c
+    tp, npred, ntrue = ((pred == c) & (y == c)).sum(1), (pred == c).sum(1), (y == c).sum(1)  # (C,) each
+    return (2 * tp / (npred + ntrue).clamp(min=1)).tolist()
 
 
 def fit_probe(feats, labels, n_classes, seed, p):
@@ -975,11 +978,9 @@ def main(argv=None):
     commands = ("teacher", "pretrain", "probe")
     if not argv or argv[0] in ("-h", "--help"):
         return print("usage:" + __doc__.split("Commands:")[1].rstrip())
-    if argv[0] not in commands:
-        print(f"us_jepa.py: error: unknown command {argv[0]!r}; choose one of {', '.join(commands)}", file=sys.stderr)
-        sys.exit(2)
     cmd = argv[0]
     try:
+        if cmd not in commands: raise UserError(f"unknown command {cmd!r}; choose one of {', '.join(commands)}")
         cfg = parse_config(cmd, argv[1:])
         section = cfg["probe"] if cmd == "probe" else cfg["train"]
         if section.threads: torch.set_num_threads(section.threads)

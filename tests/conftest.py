@@ -3,6 +3,9 @@ import os, sys
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on CPU only in the interpreter, which must be chosen
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels/triton_ops.py is imported
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -41,6 +41,8 @@ CASES = [
     (["pretrain", "--img_size", "100"], "--img_size 100 must be a multiple of --patch_size 16"),
     (["pretrain", "--model", "vit_huge"], "--model vit_huge: choose one of"),
     (["pretrain", "--loss", "huber"], "--loss: smooth_l1 | l1 | l2"),
+    (["teacher", "--kernels", "fast"], "unknown backend 'fast' (choose from auto, cuda, triton, cpp; torch"),
+    (["teacher", "--kernels", "cuda"], "kernels backend 'cuda' cannot run here: cuda needs CUDA tensors"),
     (["pretrain", "--preset", "fast"], "argument --preset: invalid choice"),
     (["pretrain", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
     (["pretrain", "--teacher", "/no/such/teacher.pt"], "--teacher /no/such/teacher.pt: no such file"),

@@ -1,0 +1,102 @@
+"""Fused masked-gather and SALT-loss ops for us_jepa.py: one contract, several backends.
+
+    masked_gather(x, idx)  x (B, N, D), idx (M, B, K) int -> (M*B, K, D),  out[m*B + b, k] = x[b, idx[m, b, k]]
+        (mask-major, exactly I-JEPA's apply_masks); its backward is a scatter-ADD, since indices repeat across
+        masks.
+    salt_loss(pred, feats, idx, kind="smooth_l1", beta=1.0)  pred (M*B, K, D), feats (B, N, D) without grad
+        -> mean over tokens r = (m, b, k) and channels d of  l(pred[r, d] - layer_norm(feats[b, idx[m, b, k]])[d])
+        with layer_norm without affine (eps 1e-5, float32 statistics) and l = Smooth-L1(beta) | L1 | L2.
+        The gathered, normalised targets are never written to memory; the forward pass also computes the
+        gradient w.r.t. pred, which backward scales by the incoming gradient on the device. Only the scalar mean
+        is supported (no reduction='none').
+
+Backends (the references are us_jepa.apply_masks and us_jepa.salt_loss, in plain PyTorch):
+    cpp     the C++ extension in csrc/, CPU (JIT-built with ninja on first use, ~10 s, then cached)
+    cuda    the same extension's CUDA implementation (when torch is a CUDA build and nvcc is found)
+    triton  triton_ops.py; on a GPU, or on CPU only under TRITON_INTERPRET=1 (for tests)
+This package never imports us_jepa."""
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpp")
+KINDS = {"smooth_l1": 0, "l1": 1, "l2": 2}
+
+
+class Ops:
+    """The two ops of one backend, called like the references in us_jepa.py."""
+    def __init__(self, name, gather_op, salt_op):
+        self.name, self._gather, self._salt = name, gather_op, salt_op
+
+    def masked_gather(self, x, idx):
+        return self._gather(x, idx)
+
+    def salt_loss(self, pred, feats, idx, kind="smooth_l1", beta=1.0):
+        if kind not in KINDS: raise ValueError(f"salt_loss: kind must be one of {list(KINDS)}, got {kind!r}")
+        if feats.requires_grad:  # the fused backward returns no gradient for the targets: refuse, don't drop it
+            raise ValueError("salt_loss: feats must not require grad (they are the frozen teacher's features)")
+        return self._salt(pred, feats, idx, float(beta), KINDS[kind])[0]
+
+
+def why_not(name, device):
+    """None if backend `name` can run on tensors of `device`, else the reason in one line."""
+    device = torch.device(device)
+    if name == "cpp":
+        return "cpp is the CPU implementation; use cuda on a GPU" if device.type != "cpu" else _ext_error()
+    if name == "cuda":
+        if device.type != "cuda": return "cuda needs CUDA tensors"
+        if torch.version.cuda is None: return "torch is a CPU build, so the CUDA extension cannot be built"
+        from . import ext
+        return _ext_error() or (None if ext.has_cuda() else "no CUDA toolkit (nvcc) was found to build the extension")
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        interp = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type == "cpu" and not interp:
+            return "triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import; slow, for tests)"
+        if device.type == "cuda" and interp:
+            return "TRITON_INTERPRET=1 is set, so triton would not run on the GPU"
+        return None if device.type in ("cpu", "cuda") else f"triton does not run on {device.type}"
+    return f"unknown backend {name!r} (choose from auto, {', '.join(BACKENDS)}; torch = the plain references)"
+
+
+def _ext_error():
+    from . import ext
+    return ext.load()
+
+
+def get(name, device):
+    """The Ops of backend `name` for tensors on `device`; raises RuntimeError with the reason if it cannot run."""
+    reason = why_not(name, device)
+    if reason: raise RuntimeError(f"kernels backend {name!r} cannot run here: {reason}")
+    if name == "triton":
+        from . import triton_ops as t
+        return Ops(name, t.masked_gather, t.salt_loss_fwd)
+    ops = torch.ops.us_jepa_ext
+    return Ops(name, ops.masked_gather, ops.salt_loss)
+
+
+_said = set()
+
+
+def select(name, device):
+    """What `--kernels NAME` means: 'auto' -> auto(device), saying its choice once per process (None means the
+    torch references); another name -> get(name, device), which raises with the reason if it cannot run."""
+    if name != "auto": return get(name, device)
+    ops, line = auto(device)
+    if line not in _said: print(f"[{line}]", flush=True); _said.add(line)
+    return ops
+
+
+def auto(device):
+    """The fastest backend that runs on `device` (measured in BENCHMARKS.md): cuda > triton on a GPU, cpp on a
+    CPU. Returns (Ops or None, one line saying what was chosen and why)."""
+    order = ("cuda", "triton") if torch.device(device).type == "cuda" else ("cpp",)
+    reasons = []
+    for name in order:
+        r = why_not(name, device)
+        if r is None: return get(name, device), f"kernels: {name}"
+        reasons.append(f"{name}: {r}")
+    return None, f"kernels: torch reference ({'; '.join(reasons)})"

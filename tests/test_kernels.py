@@ -1,0 +1,280 @@
+"""kernels/: every backend that runs on this machine against the plain-PyTorch references in us_jepa.py.
+
+On a CPU machine: cpp (the C++ extension, JIT-built once per session) and triton (under TRITON_INTERPRET=1,
+set in conftest.py). On a GPU machine the same tests also run cuda and triton on the GPU."""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import us_jepa as U
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CASES = [(b, d) for d in DEVICES for b in kernels.BACKENDS if kernels.why_not(b, d) is None]
+# shapes (M, B, N, K, D): D not a power of two, K = 1, B = 1, N not a multiple of any block size, D > 64
+SHAPES = [(4, 3, 36, 5, 24), (1, 1, 7, 1, 5), (2, 5, 13, 9, 33), (3, 2, 196, 18, 96)]
+
+
+def backend_ids(c): return f"{c[0]}-{c[1]}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=backend_ids)
+def ops(request):
+    name, device = request.param
+    return kernels.get(name, device), device
+
+
+def test_expected_backends_are_available():
+    """Guards against a silent skip: the C++ extension must build; Triton must run (in the interpreter on a CPU
+    machine); on a GPU machine the CUDA extension must build too."""
+    expected = [("cpp", "cpu")] + ([("cuda", "cuda"), ("triton", "cuda")] if "cuda" in DEVICES else [("triton", "cpu")])
+    for name, device in expected:
+        assert (name, device) in CASES, kernels.why_not(name, device)
+
+
+def make_idx(M, B, N, K, g, device, dup=True):
+    """Target-like indices: unique within a mask, repeated across masks (dup=True forces overlaps)."""
+    idx = torch.stack([torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B)]) for _ in range(M)])
+    if dup and M > 1: idx[1] = idx[0]  # whole masks repeat: every row of mask 0 is hit twice
+    return idx.to(device)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_masked_gather_forward_backward(ops, shape, contiguous):
+    (o, device), (M, B, N, K, D) = ops, shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, N, generator=g).to(device)
+    x = x.transpose(1, 2) if not contiguous else x.transpose(1, 2).contiguous()  # (B, N, D), maybe strided
+    idx = make_idx(M, B, N, K, g, device)
+    xr, xk = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ref, out = U.apply_masks(xr, idx), o.masked_gather(xk, idx)
+    assert out.shape == ref.shape == (M * B, K, D) and torch.equal(out, ref)  # a copy: bit-exact
+    w = torch.randn(ref.shape, generator=g).to(device)
+    (ref * w).sum().backward(); (out * w).sum().backward()
+    torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind,beta", [("smooth_l1", 1.0), ("smooth_l1", 0.3), ("smooth_l1", 0.0), ("l1", 1.0),
+                                       ("l2", 1.0)])
+def test_salt_loss_forward_backward(ops, shape, kind, beta):
+    (o, device), (M, B, N, K, D) = ops, shape
+    g = torch.Generator().manual_seed(1)
+    feats = (torch.randn(B, N, D, generator=g) * 3 + 2).to(device)  # a mean far from 0: the LN must remove it
+    idx = make_idx(M, B, N, K, g, device)
+    pred = torch.randn(M * B, K, D, generator=g).to(device)
+    pr, pk = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    ref, out = U.salt_loss(pr, feats, idx, kind, beta), o.salt_loss(pk, feats, idx, kind, beta)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (ref * 2.5).backward(); (out * 2.5).backward()  # a non-unit upstream gradient must scale the fused one
+    torch.testing.assert_close(pk.grad, pr.grad, rtol=1e-5, atol=1e-7)
+
+
+def exact_salt(pred, feats, idx, kind="smooth_l1", beta=1.0):
+    """The reference math in float64 (us_jepa.salt_loss computes in float32)."""
+    t = F.layer_norm(U.apply_masks(feats.double(), idx), feats.shape[-1:])
+    fn = {"smooth_l1": lambda a, b: F.smooth_l1_loss(a, b, beta=beta), "l1": F.l1_loss, "l2": F.mse_loss}[kind]
+    return fn(pred.double(), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_the_reference_error(ops, dtype):
+    """The flash-attention rule: the kernel's error in dtype <= 2x the reference's error in dtype, both against
+    the math in float64 on the same rounded inputs; for the loss, its gradient and the gather's gradient."""
+    o, device = ops
+    M, B, N, K, D = 4, 3, 36, 5, 48
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(B, N, D, generator=g).to(device, dtype)
+    pred = torch.randn(M * B, K, D, generator=g).to(device, dtype)
+    w = torch.randn(M * B, K, D, generator=g).to(device, dtype)
+    idx = make_idx(M, B, N, K, g, device)
+
+    def results(loss_fn, gather_fn, cast):
+        p, x = cast(pred).requires_grad_(), cast(feats).requires_grad_()
+        loss = loss_fn(p, cast(feats), idx)
+        loss.backward()
+        (gather_fn(x, idx) * cast(w)).sum().backward()
+        return loss.double(), p.grad.double(), x.grad.double()
+
+    exact = results(exact_salt, U.apply_masks, lambda t: t.double())
+    ref = results(U.salt_loss, U.apply_masks, lambda t: t.clone())
+    ker = results(o.salt_loss, o.masked_gather, lambda t: t.clone())
+    for name, e, r, k in zip(("loss", "grad_pred", "grad_x"), exact, ref, ker):
+        err_ref, err_ker = ((r - e).norm() / e.norm()).item(), ((k - e).norm() / e.norm()).item()
+        assert err_ker <= 2 * err_ref + 1e-7, (name, err_ker, err_ref)
+
+
+@pytest.mark.parametrize("op", ["gather", "gather_backward", "salt"])
+@pytest.mark.parametrize("bad", [-1, 36])
+def test_out_of_range_index_raises(ops, op, bad):
+    o, device = ops
+    x, pred = torch.randn(2, 36, 8, device=device), torch.randn(4, 3, 8, device=device)
+    idx = torch.zeros(2, 2, 3, dtype=torch.long, device=device)
+    idx[1, 1, 2] = bad
+    with pytest.raises((RuntimeError, IndexError), match="out of range"):
+        if op == "gather": o.masked_gather(x, idx)
+        elif op == "salt": o.salt_loss(pred, x, idx)
+        else: _backward_op(o)(pred, idx, 36)
+
+
+def _backward_op(o):
+    if o.name == "triton":
+        from kernels import triton_ops
+        return triton_ops.masked_gather_backward
+    return torch.ops.us_jepa_ext.masked_gather_backward
+
+
+def test_bad_shapes_and_dtypes_raise(ops):
+    o, device = ops
+    x = torch.randn(2, 10, 8, device=device)
+    idx = torch.zeros(1, 2, 3, dtype=torch.long, device=device)
+    with pytest.raises((RuntimeError, ValueError)): o.masked_gather(x[0], idx)  # x not 3-D
+    with pytest.raises((RuntimeError, ValueError)): o.masked_gather(x, idx[:, :1])  # B mismatch
+    with pytest.raises((RuntimeError, ValueError)): o.masked_gather(x, idx.float())  # float indices
+    with pytest.raises((RuntimeError, TypeError)): o.masked_gather(x.int(), idx)  # integer data
+    with pytest.raises((RuntimeError, ValueError)): o.salt_loss(torch.randn(2, 3, 7, device=device), x, idx)
+    with pytest.raises((RuntimeError, ValueError)): o.salt_loss(torch.randn(2, 3, 8, device=device).half(), x, idx)
+    with pytest.raises(ValueError, match="must not require grad"):
+        o.salt_loss(torch.randn(2, 3, 8, device=device), x.requires_grad_(), idx)
+    with pytest.raises(ValueError, match="kind"): o.salt_loss(torch.randn(2, 3, 8, device=device), x.detach(), idx, "huber")
+
+
+def test_int32_indices(ops):
+    o, device = ops
+    x = torch.randn(2, 10, 8, device=device)
+    idx = torch.randint(0, 10, (3, 2, 4), device=device)
+    assert torch.equal(o.masked_gather(x, idx.int()), U.apply_masks(x, idx))
+
+
+def test_opcheck(ops):
+    o, device = ops
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 13, 24, generator=g).to(device).requires_grad_()
+    idx = make_idx(2, 3, 13, 4, g, device)
+    pred = torch.randn(6, 4, 24, generator=g).to(device).requires_grad_()
+    ns = torch.ops.us_jepa_triton if o.name == "triton" else torch.ops.us_jepa_ext
+    torch.library.opcheck(ns.masked_gather.default, (x, idx))
+    torch.library.opcheck(ns.masked_gather_backward.default, (pred.detach().requires_grad_(), idx, 13))
+    torch.library.opcheck(ns.salt_loss.default, (pred, x.detach(), idx, 0.5, 0))
+
+
+def test_gradcheck_float64_cpp():
+    """gradcheck in float64: first and second derivatives of the gather, first of the loss."""
+    o = kernels.get("cpp", "cpu")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = make_idx(3, 2, 7, 3, g, "cpu")
+    assert torch.autograd.gradcheck(lambda x: o.masked_gather(x, idx), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: o.masked_gather(x, idx), (x,))
+    feats = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
+    pred = torch.randn(6, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    for kind, beta in [("smooth_l1", 0.5), ("l1", 1.0), ("l2", 1.0)]:
+        assert torch.autograd.gradcheck(lambda p: o.salt_loss(p, feats, idx, kind, beta), (pred,))
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        kernels.get("cuda", "cpu")
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        kernels.get("fast", "cpu")
+    ops, line = kernels.auto("cpu")
+    assert ops.name == "cpp" and line == "kernels: cpp"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_pretrain_step_same_loss_with_each_backend(backend):
+    """One SALT step through us_jepa's own wiring: the loss and the gradients match the references'."""
+    if kernels.why_not(backend, "cpu"): pytest.skip(kernels.why_not(backend, "cpu"))
+    def step(name):
+        torch.manual_seed(0)
+        loss_fn = U.set_kernels(name, "cpu")
+        enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1), U.ViT(48, 16, "vit_tiny", depth=1).eval()
+        head = U.Predictor(3, 192, 32, 1, 2, 192)
+        img = torch.rand(4, 1, 48, 48)
+        ctx, tgt = torch.tensor([[0, 1, 2, 4]] * 4), torch.tensor([[[5, 6]] * 4, [[6, 8]] * 4])
+        with torch.no_grad(): feats = teacher(img)
+        loss = loss_fn(head(enc(img, ctx), ctx, tgt), feats, tgt, "smooth_l1", 1.0)
+        loss.backward()
+        return loss.detach(), enc.patch_embed.proj.weight.grad.clone()
+
+    try:
+        ref, got = step("torch"), step(backend)
+    finally:
+        U.set_kernels("torch", "cpu")
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_pretrain_step_with_fused_ops():
+    """torch.compile(fullgraph=True, inductor) traces a SALT step's forward through the registered ops (their
+    fake and autograd registrations: no graph break) and gives the eager loss and gradients."""
+    def tiny():
+        torch.manual_seed(0)
+        enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1), U.ViT(48, 16, "vit_tiny", depth=1).eval()
+        return enc, teacher, U.Predictor(3, 192, 32, 1, 2, 192)
+
+    def make_step(enc, teacher, head, loss_fn):
+        def step(img, ctx, tgt):
+            with torch.no_grad(): feats = teacher(img)
+            return loss_fn(head(enc(img, ctx), ctx, tgt), feats, tgt, "smooth_l1", 1.0)
+        return step
+
+    img = torch.rand(4, 1, 48, 48)
+    ctx, tgt = torch.tensor([[0, 1, 2, 4]] * 4), torch.tensor([[[5, 6]] * 4, [[6, 8]] * 4])
+    try:
+        loss_fn = U.set_kernels("cpp", "cpu")
+        a, b = tiny(), tiny()
+        eager = make_step(*a, loss_fn)(img, ctx, tgt)
+        compiled = torch.compile(make_step(*b, loss_fn), fullgraph=True)(img, ctx, tgt)
+        eager.backward(); compiled.backward()  # the compiled backward graph (AOTAutograd) holds the op's backward
+    finally:
+        U.set_kernels("torch", "cpu")
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for pa, pb in zip(a[0].parameters(), b[0].parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_falls_back_and_explicit_backend_fails_when_the_extension_does_not_build(monkeypatch, capsys):
+    from kernels import ext
+    monkeypatch.setattr(ext, "_state", {"ok": False, "error": "the C++ extension did not build (no compiler)"})
+    ops, line = kernels.auto("cpu")
+    assert ops is None and line.startswith("kernels: torch reference") and "no compiler" in line
+    try:
+        assert U.set_kernels("auto") is U.salt_loss and U.gather is U.apply_masks
+        assert "torch reference" in capsys.readouterr().out
+        with pytest.raises(U.UserError, match="no compiler"):
+            U.set_kernels("cpp")
+    finally:
+        U.set_kernels("torch")
+
+
+NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+CSRC = os.path.join(os.path.dirname(kernels.__file__), "csrc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+def test_cuda_sources_compile(tmp_path):
+    """A compile check (nothing CUDA can link or run on a CPU machine): the torch-free kernels for every dtype,
+    then the torch binding with light headers, for sm_90 (H100/H200)."""
+    from torch.utils.cpp_extension import include_paths
+    inst = tmp_path / "inst.cu"
+    inst.write_text('#include "kernels.cuh"\nnamespace us_jepa_ext {\n' + "".join(
+        f"template __global__ void salt_rows<1, {t}>(const {t}*, const {t}*, const int64_t*, {t}*, {a}*, int64_t, "
+        f"int64_t, int64_t, int64_t, int64_t, float, double);\n"
+        f"template __global__ void scatter_add_rows<{t}, {a}>(const {t}*, {a}*, const int64_t*, int64_t, int64_t, "
+        f"int64_t, int64_t, int64_t);\n"
+        for t, a in [("float", "float"), ("double", "double"), ("__half", "float"), ("__nv_bfloat16", "float")]) + "}\n")
+    common = [NVCC, "-c", "-arch=sm_90", "-std=c++20", "-I", CSRC]
+    subprocess.run(common + ["-o", str(tmp_path / "k.o"), str(inst)], check=True, capture_output=True)
+    incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    r = subprocess.run(common + ["--expt-relaxed-constexpr", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *incs,
+                                 "-o", str(tmp_path / "b.o"), os.path.join(CSRC, "us_jepa_ops.cu")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
