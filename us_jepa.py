@@ -390,13 +390,13 @@ def find_images(root):
 
 def load_pool(d, seed):
     """The pretraining images as uint8 (N, 1, S, S) plus fan masks, kept in memory (96 px: 9 KB an image)."""
-    to_uint8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
     if not d.data:  # synthetic: unlabeled images drawn from all three lesion3 classes, seeds apart from probes
-        chunks = [synth_batch(range(i, min(i + 256, d.n_images)), d.img_size, 1000 + seed, "lesion3")
-                  for i in range(0, d.n_images, 256)]
-        return to_uint8(torch.cat([c[0] for c in chunks])), torch.cat([c[1] for c in chunks])
-    pairs = [load_image(p, d.img_size) for p in find_images(d.data)]
-    return to_uint8(torch.stack([p[0] for p in pairs])), torch.stack([p[1] for p in pairs])
+        parts = [synth_batch(range(i, min(i + 256, d.n_images)), d.img_size, 1000 + seed, "lesion3")[:2]
+                 for i in range(0, d.n_images, 256)]
+    else:
+        parts = [(a[None], f[None]) for a, f in (load_image(p, d.img_size) for p in find_images(d.data))]
+    imgs, fans = (torch.cat(z) for z in zip(*parts))  # (N, 1, S, S) each
+    return (imgs * 255).round().to(torch.uint8), fans
 
 
 def augment(x, fan, g, crop_scale):

@@ -47,6 +47,10 @@ def peak_mb(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def fmt_mb(mb):
+    return f"{mb:8.1f}" if mb == mb else f"{'n/a':>8}"  # NaN: not measured on CPU
+
+
 def copy_bandwidth(device, reps):
     n = (256 if device == "cuda" else 64) * 2**20 // 4
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
@@ -151,7 +155,7 @@ def main():
     bench_ops(dev, dtypes, sizes, fused, reps, rows)
     print(f"{'op':11} {'size':6} {'dtype':9} {'variant':14} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'peak MB':>8}")
     for op, size, dt, name, ms, gbs, mb in rows:
-        print(f"{op:11} {size:6} {dt:9} {name:14} {ms:8.3f} {gbs:8.1f} {100 * gbs / bw:6.1f}% {mb:8.1f}")
+        print(f"{op:11} {size:6} {dt:9} {name:14} {ms:8.3f} {gbs:8.1f} {100 * gbs / bw:6.1f}% {fmt_mb(mb)}")
     if a.no_step: return
     print()
     if dev == "cuda":
@@ -163,7 +167,7 @@ def main():
         for name in ["torch"] + [b for b in fused if b != "triton" or dev == "cuda"]:
             ips, mb = bench_step(dev, name, model, size, depth, batch, pred, dt, max(5, reps // 4))
             label = f"{model} {size}px d{depth} b{batch} {str(dt)[6:]}"
-            print(f"{label:34} {name:8} {ips:8.1f} {mb:8.1f}")
+            print(f"{label:34} {name:8} {ips:8.1f} {fmt_mb(mb)}")
 
 
 if __name__ == "__main__":

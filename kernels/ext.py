@@ -31,7 +31,7 @@ def load(verbose=False):
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"  # no GPU to ask: Ampere and Hopper (H100/H200 = sm_90)
     try:
         cpp_extension.load(name="us_jepa_ext" + ("_cuda" if with_cuda else ""), sources=sources,
-                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"],
+                           extra_cflags=["-O3"], extra_cuda_cflags=["-O3"],
                            is_python_module=False, verbose=verbose)
     except Exception as e:  # no compiler, no ninja, a failed build: the caller falls back or raises with this
         last = [line for line in str(e).strip().splitlines() if line.strip()][-1:] or ["unknown error"]

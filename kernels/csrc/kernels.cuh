@@ -1,5 +1,9 @@
-// CUDA kernels of us_jepa_ext, torch-free (compiles with plain nvcc in ~1 s). The math and byte counts are at
-// the top of us_jepa_ops.cpp; the binding that launches these on the current stream is us_jepa_ops.cu.
+// CUDA kernels of us_jepa_ext, torch-free (compiles with plain nvcc in ~1 s); us_jepa_ops.cu launches them on
+// the current stream. R = M*B*K target rows of D channels, s bytes per element.
+//   gather_rows:      out[r] = x[b, idx[r]]                  r = (m*B + b)*K + k     bytes 2*R*D*s
+//   scatter_add_rows: dx[b, idx[r]] += grad[r]              (fp32/fp64 atomics)      bytes R*D*s + B*N*D*s (min)
+//   salt_rows:        y = LN(feats[b, idx[r]]) (no affine, eps 1e-5, float stats); loss_r = sum_d l(pred[r,d] - y_d);
+//                     grad[r,d] = l'(pred[r,d] - y_d) / (R*D)                       bytes 3*R*D*s
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
