@@ -91,8 +91,8 @@ def select(name, device):
 
 
 def auto(device):
-    """The fastest backend that runs on `device` (measured in BENCHMARKS.md): cuda > triton on a GPU, cpp on a
-    CPU. Returns (Ops or None, one line saying what was chosen and why)."""
+    """The fastest backend that runs on `device`: cpp on a CPU (measured, BENCHMARKS.md); on a GPU cuda, then
+    triton, an order not yet measured (no GPU so far). Returns (Ops or None, one line saying what and why)."""
     order = ("cuda", "triton") if torch.device(device).type == "cuda" else ("cpp",)
     reasons = []
     for name in order:
