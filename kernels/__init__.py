@@ -35,6 +35,8 @@ class Ops:
         if kind not in KINDS: raise ValueError(f"salt_loss: kind must be one of {list(KINDS)}, got {kind!r}")
         if feats.requires_grad:  # the fused backward returns no gradient for the targets: refuse, don't drop it
             raise ValueError("salt_loss: feats must not require grad (they are the frozen teacher's features)")
+        if pred.dtype != feats.dtype:  # e.g. bf16 predictions (autocast) against float32 teacher features: the
+            pred, feats = pred.float(), feats.float()  # kernels take one dtype; the reference computes in float32
         return self._salt(pred, feats, idx, float(beta), KINDS[kind])[0]
 
 

@@ -140,10 +140,23 @@ def test_bad_shapes_and_dtypes_raise(ops):
     with pytest.raises((RuntimeError, ValueError)): o.masked_gather(x, idx.float())  # float indices
     with pytest.raises((RuntimeError, TypeError)): o.masked_gather(x.int(), idx)  # integer data
     with pytest.raises((RuntimeError, ValueError)): o.salt_loss(torch.randn(2, 3, 7, device=device), x, idx)
-    with pytest.raises((RuntimeError, ValueError)): o.salt_loss(torch.randn(2, 3, 8, device=device).half(), x, idx)
     with pytest.raises(ValueError, match="must not require grad"):
         o.salt_loss(torch.randn(2, 3, 8, device=device), x.requires_grad_(), idx)
     with pytest.raises(ValueError, match="kind"): o.salt_loss(torch.randn(2, 3, 8, device=device), x.detach(), idx, "huber")
+
+
+def test_mixed_dtypes_like_autocast(ops):
+    """bf16 predictions (autocast) against float32 teacher features compute in float32, as the reference."""
+    o, device = ops
+    g = torch.Generator().manual_seed(6)
+    feats, idx = torch.randn(3, 13, 24, generator=g).to(device), make_idx(2, 3, 13, 4, g, device)
+    pred = torch.randn(6, 4, 24, generator=g).to(device, torch.bfloat16)
+    pr, pk = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    ref, out = U.salt_loss(pr, feats, idx), o.salt_loss(pk, feats, idx)
+    ref.backward(); out.backward()
+    torch.testing.assert_close(out, ref)
+    assert pk.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(pk.grad, pr.grad)  # bf16 tolerances
 
 
 def test_int32_indices(ops):
