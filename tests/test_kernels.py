@@ -46,19 +46,23 @@ def make_idx(M, B, N, K, g, device, dup=True):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_masked_gather_forward_backward(ops, shape, contiguous):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded"])
+def test_masked_gather_forward_backward(ops, shape, layout):
     (o, device), (M, B, N, K, D) = ops, shape
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(B, D, N, generator=g).to(device)
-    x = x.transpose(1, 2) if not contiguous else x.transpose(1, 2).contiguous()  # (B, N, D), maybe strided
+    base = torch.randn(B, D, N, generator=g).to(device).transpose(1, 2)  # (B, N, D), strided
+    if layout == "contiguous": base = base.contiguous()
+    if layout == "expanded": base = base[:1].contiguous()  # (1, N, D), used expanded: stride 0 over the batch
+    view = (lambda t: t.expand(B, -1, -1)) if layout == "expanded" else (lambda t: t)  # like the predictor's positions
+    br, bk = (base.detach().clone().requires_grad_() for _ in range(2))
+    x = view(bk)
+    assert {"contiguous": x.is_contiguous(), "transposed": x.stride(2) != 1, "expanded": x.stride(0) == 0 or B == 1}[layout]
     idx = make_idx(M, B, N, K, g, device)
-    xr, xk = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-    ref, out = U.apply_masks(xr, idx), o.masked_gather(xk, idx)
+    ref, out = U.apply_masks(view(br), idx), o.masked_gather(x, idx)
     assert out.shape == ref.shape == (M * B, K, D) and torch.equal(out, ref)  # a copy: bit-exact
     w = torch.randn(ref.shape, generator=g).to(device)
     (ref * w).sum().backward(); (out * w).sum().backward()
-    torch.testing.assert_close(xk.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bk.grad, br.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -121,14 +125,12 @@ def test_out_of_range_index_raises(ops, op, bad):
     with pytest.raises((RuntimeError, IndexError), match="out of range"):
         if op == "gather": o.masked_gather(x, idx)
         elif op == "salt": o.salt_loss(pred, x, idx)
-        else: _backward_op(o)(pred, idx, 36)
+        else: namespace(o).masked_gather_backward(pred, idx, 36)
 
 
-def _backward_op(o):
-    if o.name == "triton":
-        from kernels import triton_ops
-        return triton_ops.masked_gather_backward
-    return torch.ops.us_jepa_ext.masked_gather_backward
+def namespace(o):
+    """The registered ops of a backend (the triton ones are registered when kernels.get imports them)."""
+    return torch.ops.us_jepa_triton if o.name == "triton" else torch.ops.us_jepa_ext
 
 
 def test_bad_shapes_and_dtypes_raise(ops):
@@ -172,7 +174,7 @@ def test_opcheck(ops):
     x = torch.randn(3, 13, 24, generator=g).to(device).requires_grad_()
     idx = make_idx(2, 3, 13, 4, g, device)
     pred = torch.randn(6, 4, 24, generator=g).to(device).requires_grad_()
-    ns = torch.ops.us_jepa_triton if o.name == "triton" else torch.ops.us_jepa_ext
+    ns = namespace(o)
     torch.library.opcheck(ns.masked_gather.default, (x, idx))
     torch.library.opcheck(ns.masked_gather_backward.default, (pred.detach().requires_grad_(), idx, 13))
     torch.library.opcheck(ns.salt_loss.default, (pred, x.detach(), idx, 0.5, 0))

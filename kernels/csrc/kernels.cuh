@@ -30,11 +30,11 @@ template <> struct Acc<double> { using type = double; };
 // and both pointers allow it), so one instruction moves 512 bytes per warp. Dtype-agnostic: rows are bytes.
 template <typename V>
 __global__ void gather_rows(const V* __restrict__ x, V* __restrict__ out, const int64_t* __restrict__ idx,
-                            int64_t rows, int64_t B, int64_t N, int64_t K, int64_t words) {
+                            int64_t rows, int64_t B, int64_t K, int64_t sb, int64_t sn, int64_t words) {
   const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (r >= rows) return;
   const int64_t b = (r / K) % B;  // r = (m*B + b)*K + k
-  const V* src = x + (b * N + idx[r]) * words;
+  const V* src = x + b * sb + idx[r] * sn;  // strides in words: an expanded x (stride 0) is read in place
   V* dst = out + r * words;
   for (int64_t w = threadIdx.x % 32; w < words; w += 32) dst[w] = src[w];
 }

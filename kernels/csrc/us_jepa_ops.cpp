@@ -32,17 +32,20 @@ at::Tensor masked_gather_cpu(const at::Tensor& x_in, const at::Tensor& idx_in) {
   TORCH_CHECK(x_in.device().is_cpu(), "masked_gather: the CPU kernel got a ", x_in.device(), " tensor");
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   at::Tensor idx = check_index(idx_in, x_in, N, "masked_gather");
-  at::Tensor x = x_in.contiguous();  // a non-contiguous x costs one copy here
+  // Rows must be contiguous; batch and token strides are free, so an expanded x (the predictor's positions,
+  // stride 0 over the batch) is read in place instead of copied. Other layouts cost one copy here.
+  at::Tensor x = x_in.stride(2) == 1 || D <= 1 ? x_in : x_in.contiguous();
+  const int64_t sb = x.stride(0), sn = x.stride(1), es = x.element_size();
   const int64_t M = idx.size(0), K = idx.size(2), R = M * B * K;
   at::Tensor out = at::empty({M * B, K, D}, x.options());
-  const int64_t row = D * x.element_size();  // the op moves whole rows: a byte copy, whatever the dtype
+  const int64_t row = D * es;  // the op moves whole rows: a byte copy, whatever the dtype
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* ix = idx.data_ptr<int64_t>();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = (r / K) % B;  // r = (m*B + b)*K + k
-      std::memcpy(dst + r * row, src + (b * N + ix[r]) * row, row);
+      std::memcpy(dst + r * row, src + (b * sb + ix[r] * sn) * es, row);
     }
   });
   return out;

@@ -38,17 +38,20 @@ at::Tensor masked_gather_cuda(const at::Tensor& x_in, const at::Tensor& idx_in) 
   c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   at::Tensor idx = check_index(idx_in, x_in, N, "masked_gather");
-  at::Tensor x = x_in.contiguous();
+  // Rows must be contiguous; batch and token strides are free (an expanded x is read in place, as on CPU).
+  at::Tensor x = x_in.stride(2) == 1 || D <= 1 ? x_in : x_in.contiguous();
   const int64_t M = idx.size(0), K = idx.size(2), R = M * B * K;
+  const int64_t es = x.element_size(), sb = x.stride(0) * es, sn = x.stride(1) * es;  // strides in bytes
   at::Tensor out = at::empty({M * B, K, D}, x.options());
   if (R == 0 || D == 0) return out;
   const int64_t bytes = D * x.element_size();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto p = reinterpret_cast<uintptr_t>(x.data_ptr()) | reinterpret_cast<uintptr_t>(out.data_ptr());
+  const auto p = reinterpret_cast<uintptr_t>(x.data_ptr()) | reinterpret_cast<uintptr_t>(out.data_ptr()) |
+                 static_cast<uintptr_t>(sb) | static_cast<uintptr_t>(sn);  // every row start must be aligned
   auto launch = [&](auto* tag, int64_t width) {
     using V = std::remove_pointer_t<decltype(tag)>;
     gather_rows<V><<<blocks_for(R), kWarps * 32, 0, stream>>>(static_cast<const V*>(x.data_ptr()),
-        static_cast<V*>(out.data_ptr()), idx.data_ptr<int64_t>(), R, B, N, K, bytes / width);
+        static_cast<V*>(out.data_ptr()), idx.data_ptr<int64_t>(), R, B, K, sb / width, sn / width, bytes / width);
   };
   if (bytes % 16 == 0 && p % 16 == 0) launch(static_cast<uint4*>(nullptr), 16);  // widest word that fits
   else if (bytes % 8 == 0 && p % 8 == 0) launch(static_cast<uint2*>(nullptr), 8);
