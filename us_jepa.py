@@ -56,6 +56,8 @@ class MaskConfig:
     tgt_aspect: tuple = (0.75, 1.5) # target block height/width (paper)
     ctx_scale: tuple = (0.85, 1.0)  # context block area / image, before targets are removed (paper)
     min_keep: int = 4               # fewest context patches (paper: 10 of 196; we have 36 patches)
+    usrc: bool = False              # USrc-JEPA: only patches inside the scan fan become context or targets
+    tau: int = 2                    # USrc: blocks are re-drawn until they cover >= tau valid patches (not stated)
 
 @dataclass
 class TrainConfig:
@@ -334,7 +336,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def fan_mask(a):
     """Valid-ultrasound pixels of a gray image (H, W) in [0, 1], when no mask file is given. Not stated in the
-    paper; we follow UltraBench in spirit: threshold, keep the largest connected component, fill it convex-ish."""
+    paper; as UltraBench: threshold, keep the largest connected component (4-neighbours), fill its convex hull."""
     small = torch.from_numpy(a)[None, None]
     s = max(1, max(a.shape) // 64)  # label components on a <= 64 px grid: cheap and enough for a fan outline
     m = (F.max_pool2d(small, s, s, ceil_mode=True)[0, 0] > 0.02).numpy()  # (h, w) bool
@@ -346,11 +348,22 @@ def fan_mask(a):
         lab = new
     if not m.any(): return np.ones_like(a, dtype=bool)
     m = lab == np.bincount(lab[m]).argmax()
-    for axis in (0, 1):  # fill each row, then each column, between its first and last fan pixel
-        idx = np.arange(m.shape[axis]).reshape((-1, 1) if axis == 0 else (1, -1))
-        first = np.where(m.any(axis), m.argmax(axis), m.shape[axis])
-        last = m.shape[axis] - 1 - np.flip(m, axis).argmax(axis)
-        m = (idx >= np.expand_dims(first, axis)) & (idx <= np.expand_dims(last, axis))
+    rows = np.flatnonzero(m.any(1))  # the hull of the component = the hull of each row's two end pixels
+    pts = [(r, c) for r in rows for c in (m[r].argmax(), m.shape[1] - 1 - m[r][::-1].argmax())]
+    hull = []  # Andrew's monotone chain over the points in (row, col) order: lower then upper chain
+    for chain in (pts, pts[::-1]):
+        start = len(hull)
+        for p in chain:
+            while len(hull) - start >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) -
+                                              (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
+                hull.pop()
+            hull.append(p)
+        hull.pop()
+    if len(hull) >= 3:  # a pixel is inside if it lies on the inner side of every hull edge
+        e0 = np.array(hull, float)
+        d, (r, c) = np.roll(e0, -1, 0) - e0, np.indices(m.shape)
+        cross = d[:, 0, None, None] * (c - e0[:, 1, None, None]) - d[:, 1, None, None] * (r - e0[:, 0, None, None])
+        m = (cross >= -1e-9).all(0) | (cross <= 1e-9).all(0)
     return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
 
 
@@ -449,30 +462,38 @@ def place_block(rng, grid, h, w):
     return top, left
 
 
-def sample_masks(rng, batch, grid, k):
-    """-> ctx (B, Kc) and tgt (M, B, Kt) patch indices (row-major, sorted within each row)."""
+def sample_masks(rng, batch, grid, k, valid=None):
+    """-> ctx (B, Kc) and tgt (M, B, Kt) patch indices (row-major, sorted within each row). USrc: valid
+    (B, grid, grid) marks patches holding >= 1 fan pixel; every block is re-drawn until it covers >= k.tau
+    valid patches, and only valid patches are kept."""
     th, tw = block_size(rng, grid, k.tgt_scale, k.tgt_aspect)
     ch, cw = block_size(rng, grid, k.ctx_scale, (1.0, 1.0))
     ctx, tgt = [], []
-    for _ in range(batch):
+
+    def block(ok, h, w):  # the first placement covering >= tau valid patches (without USrc: the first one)
+        for _ in range(100):
+            r, c = place_block(rng, grid, h, w)
+            if ok[r:r + h, c:c + w].sum() >= min(k.tau, h * w): break
+        out = np.zeros((grid, grid), bool)
+        out[r:r + h, c:c + w] = ok[r:r + h, c:c + w]
+        return out
+
+    for b in range(batch):
+        ok = np.ones((grid, grid), bool) if valid is None else np.asarray(valid[b])
         for _ in range(100):  # re-place the targets until enough context survives (I-JEPA does the same)
-            t = np.zeros((k.n_targets, grid, grid), bool)
-            for m in range(k.n_targets):
-                r, c = place_block(rng, grid, th, tw)
-                t[m, r:r + th, c:c + tw] = True
-            c = np.zeros((grid, grid), bool)
-            r0, c0 = place_block(rng, grid, ch, cw)
-            c[r0:r0 + ch, c0:c0 + cw] = True
-            c &= ~t.any(0)  # context disjoint from every target
-            if c.sum() >= k.min_keep: break
+            t = np.stack([block(ok, th, tw) for _ in range(k.n_targets)])  # (M, grid, grid)
+            c = block(ok, ch, cw) & ~t.any(0)  # context disjoint from every target
+            if c.sum() >= k.min_keep and t.any((1, 2)).all(): break
         else:
             raise UserError(f"masks: {k.n_targets} targets of {th}x{tw} patches leave < {k.min_keep} context "
                             f"patches on a {grid}x{grid} grid; lower --tgt_scale, --n_targets or --min_keep")
         ctx.append(np.flatnonzero(c)); tgt.append([np.flatnonzero(tm) for tm in t])
-    keep = min(len(c) for c in ctx)
-    # fix (c): truncate to the shortest context with a random subset; I-JEPA kept the first indices in raster
-    # order, which biases every context toward its top-left.
-    ctx = [np.sort(rng.choice(c, keep, replace=False)) for c in ctx]
+    # fix (c): truncate to the shortest mask with a random subset; I-JEPA kept the first indices in raster
+    # order, which biases every context toward its top-left. Targets differ in length only under USrc.
+    n_c, n_t = min(len(c) for c in ctx), min(len(m) for ts in tgt for m in ts)
+    ctx = [np.sort(rng.choice(c, n_c, replace=False)) for c in ctx]
+    if any(len(m) != n_t for ts in tgt for m in ts):
+        tgt = [[np.sort(rng.choice(m, n_t, replace=False)) for m in ts] for ts in tgt]
     return torch.from_numpy(np.stack(ctx)), torch.from_numpy(np.stack(tgt, 1))  # (B, Kc), (M, B, Kt)
 
 
@@ -742,13 +763,16 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
           f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train / "
           f"{n_hold} held-out images; {steps} steps of {t.batch_size}")
 
+    def fan_patches(fan):  # USrc: a patch is valid if it holds >= 1 fan pixel. (B, 1, S, S) -> (B, grid, grid)
+        return (F.max_pool2d(fan.float(), m.patch_size)[:, 0] > 0).numpy() if k.usrc else None
+
     def evaluate():  # held-out loss with fixed masks and no augmentation: comparable across the run
         encoder.eval(); head.eval()
         rng, losses = np.random.default_rng([t.seed, 10**9]), []
         with torch.no_grad():
             for i in range(n_train, len(pool), t.batch_size):
                 img = pool[i:i + t.batch_size].float() / 255
-                ctx, tgt = sample_masks(rng, len(img), encoder.grid, k)
+                ctx, tgt = sample_masks(rng, len(img), encoder.grid, k, fan_patches(fans[i:i + t.batch_size]))
                 losses.append(loss_fn(img, ctx, tgt)[0].item() * len(img))
         encoder.train(); head.train()
         return sum(losses) / n_hold
@@ -762,10 +786,11 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         lr, wd = schedule(step, steps, t)
         opt.param_groups[0].update(lr=lr, weight_decay=wd); opt.param_groups[1].update(lr=lr)
         idx = batch_indices(step, t.batch_size, n_train, t.seed)
-        img = pool[idx].float() / 255  # (B, 1, S, S)
+        img, fan = pool[idx].float() / 255, fans[idx]  # (B, 1, S, S) each
         if d.augment:
-            img, _ = augment(img, fans[idx], torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
-        ctx, tgt = sample_masks(np.random.default_rng([t.seed, step]), t.batch_size, encoder.grid, k)
+            img, fan = augment(img, fan, torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
+        rng = np.random.default_rng([t.seed, step])
+        ctx, tgt = sample_masks(rng, t.batch_size, encoder.grid, k, fan_patches(fan))  # (B, Kc), (M, B, Kt)
         loss, z = loss_fn(img, ctx, tgt)
         if not torch.isfinite(loss):
             raise UserError(f"loss is {loss.item()} at step {step}: stopping; {last} holds the last good state")

@@ -31,6 +31,16 @@ def test_fan_mask_finds_the_sector_and_fills_dark_regions():
     assert iou > 0.9, iou
 
 
+def test_fan_mask_is_the_convex_hull_of_the_largest_component():
+    """UltraBench's rule: an L-shaped region becomes the triangle-closed hull; a separate blob is dropped."""
+    a = np.zeros((64, 64), np.float32)
+    a[8:56, 8:20] = a[44:56, 8:56] = 0.8  # an L: vertical bar + bottom bar
+    a[2:6, 50:60] = 0.9  # burnt-in text, not connected
+    m = U.fan_mask(a)
+    assert m[30, 30] and m[50, 50] and not m[20, 50]  # inside the hull (the L's corner side), outside it
+    assert not m[3, 55]
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16"])
 def test_load_image_modes(tmp_path, mode):
     a, fan = fan_image(128, 128)

@@ -89,3 +89,48 @@ def test_apply_masks_matches_a_loop():
     x.requires_grad_(True)
     U.apply_masks(x, idx).sum().backward()  # the backward is a scatter-ADD: repeated indices accumulate
     assert x.grad[0, 0, 0] == 1 and x.grad[2, 4, 0] == 2 and x.grad[0, 5, 0] == 0
+
+
+def fans_as_patches(n, size, grid, seed=0):
+    """Valid-patch maps (patches holding >= 1 fan pixel) of synthetic sector / linear scans."""
+    _, fan, _ = U.synth_batch(range(n), size, seed)
+    return (torch.nn.functional.max_pool2d(fan.float(), size // grid)[:, 0] > 0).numpy()
+
+
+@pytest.mark.parametrize("grid,cfg", [(6, U.MaskConfig(usrc=True)), (14, U.MaskConfig(
+    tgt_scale=(0.075, 0.125), min_keep=10, usrc=True, tau=8))])
+def test_usrc_masks_stay_inside_the_fan(grid, cfg):
+    valid = fans_as_patches(16, 16 * grid, grid)
+    assert (~valid).sum() > 0  # the fans leave patches out: otherwise the test proves nothing
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        ctx, tgt = U.sample_masks(rng, 16, grid, cfg, valid)
+        assert tgt.shape[:2] == (cfg.n_targets, 16) and ctx.shape[1] >= cfg.min_keep  # equal lengths
+        for b in range(16):
+            ok = set(np.flatnonzero(valid[b]).tolist())
+            c, t = set(ctx[b].tolist()), set(tgt[:, b].flatten().tolist())
+            assert c <= ok and t <= ok and not c & t
+
+
+def test_usrc_coverage_of_the_fan_near_uniform():
+    """Over many batches with one fan, every valid patch is a target and a context patch, and none is covered
+    far more or less often than the average valid patch."""
+    grid, cfg = 6, U.MaskConfig(usrc=True)
+    valid = fans_as_patches(1, 96, grid, seed=3)[0]
+    rng = np.random.default_rng(1)
+    tc, cc = np.zeros(grid * grid), np.zeros(grid * grid)
+    for _ in range(300):
+        ctx, tgt = U.sample_masks(rng, 8, grid, cfg, np.broadcast_to(valid, (8, grid, grid)))
+        np.add.at(tc, tgt.flatten().numpy(), 1)
+        np.add.at(cc, ctx.flatten().numpy(), 1)
+    v = valid.flatten()
+    assert tc[~v].sum() == cc[~v].sum() == 0
+    for cov in (tc[v] / tc[v].mean(), cc[v] / cc[v].mean()):
+        assert cov.min() > 0.3 and cov.max() < 2.5, (cov.min(), cov.max())
+
+
+def test_without_usrc_the_sampler_is_unchanged():
+    """USrc off (valid=None or all valid): the same masks as before, draw for draw."""
+    a = U.sample_masks(np.random.default_rng(5), 8, 6, U.MaskConfig())
+    b = U.sample_masks(np.random.default_rng(5), 8, 6, U.MaskConfig(usrc=True), np.ones((8, 6, 6), bool))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
