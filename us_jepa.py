@@ -99,6 +99,9 @@ class ProbeConfig:
     lr: float = 1e-3                # AdamW (paper)
     wd: float = 1e-4                # (paper)
     batch_size: int = 32            # (paper)
+    fractions: str = ""             # few-shot: % of the training split, e.g. 1,5,10,50,100 (stratified; paper)
+    corrupt: str = ""               # robustness: also test on corrupted images, e.g. blur,contrast,speckle (paper)
+    severity: str = "1,2,3"         # corruption severities (paper)
     out: str = ""                   # result JSON; "" = probe_<task>.json beside the checkpoint
     threads: int = 0                # torch CPU threads, 0 = torch's default
 
@@ -892,11 +895,13 @@ def f1_scores(pred, y, n_classes):
     return (2 * tp / (npred + ntrue).clamp(min=1)).tolist()
 
 
-def fit_probe(feats, labels, n_classes, seed, p):
-    """Train BN + Linear on train features, early-stop on val loss, score test. -> dict of metrics."""
+def fit_probe(feats, labels, n_classes, seed, p, subset=None):
+    """Train BN + Linear on train features (or the rows `subset` of them), early-stop on val loss, score test
+    and every corrupted test set ("test/blur/2", ...). -> dict of metrics."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     xtr, ytr = feats["train"], labels["train"]
+    if subset is not None: xtr, ytr = xtr[subset], ytr[subset]
     head = nn.Sequential(nn.BatchNorm1d(xtr.shape[1], affine=False), nn.Linear(xtr.shape[1], n_classes))
     opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.wd)
     per_epoch = math.ceil(len(xtr) / p.batch_size)
@@ -920,9 +925,63 @@ def fit_probe(feats, labels, n_classes, seed, p):
     head.load_state_dict(best_state)
     with torch.no_grad():
         pred = head(feats["test"]).argmax(1)
+        corrupted = {k[5:]: sum(f1_scores(head(v).argmax(1), labels["test"], n_classes)) / n_classes
+                     for k, v in feats.items() if k.startswith("test/")}
     per_class = f1_scores(pred, labels["test"], n_classes)
     return dict(macro_f1=sum(per_class) / n_classes, accuracy=(pred == labels["test"]).float().mean().item(),
-                per_class_f1=per_class, epochs=epoch + 1)
+                per_class_f1=per_class, epochs=epoch + 1, corrupted=corrupted)
+
+
+def mean_std(v): return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def stratified(labels, percent, seed):
+    """Indices of `percent` % of each class (at least one image per class), drawn with the seed. (few-shot)"""
+    g = np.random.default_rng([seed, round(percent * 1000)])
+    return np.sort(np.concatenate([g.permutation(np.flatnonzero(labels == c))[:max(1, round(percent / 100 * n))]
+                                   for c, n in zip(*np.unique(labels, return_counts=True))]))
+
+
+def corrupt(imgs, fans, kind, eps, seed=0):
+    """The paper's test-time corruptions (method notes 7) of (N, 1, S, S) images in [0, 1], severity eps."""
+    r = int(2 * eps)  # Gaussian kernel 2*floor(2 eps) + 1 taps, sigma = eps
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / eps) ** 2)
+    k = k / k.sum()
+    smooth = lambda x: F.conv2d(F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1)),  # noqa
+                                k.view(1, 1, -1, 1))
+    if kind == "blur":
+        x = smooth(imgs)
+    elif kind == "contrast":  # toward the median inside the fan: alpha 0.7, 0.5, 0.3
+        m = torch.stack([x[f].median() if f.any() else x.median() for x, f in zip(imgs, fans)]).view(-1, 1, 1, 1)
+        x = m + (0.9 - 0.2 * eps) * (imgs - m)
+    else:  # correlated multiplicative speckle: eta ~ N(0, (0.35 eps)^2) smoothed by the same Gaussian (ours)
+        eta = torch.randn(imgs.shape, generator=torch.Generator().manual_seed(seed)) * 0.35 * eps
+        x = imgs * (1 + smooth(eta))
+    return x.clamp(0, 1) * fans
+
+
+def plot_curves(path, xs, series, title):
+    """A small line chart with pillow (x on a log axis): the few-shot curve, macro-F1 per % of training data."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 560, 360, 56, 110, 28, 36  # size and margins in pixels
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    lx = np.log10(xs)
+    ys = [v for s in series.values() for v in s]
+    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
+    px = lambda x: L + (W - L - R) * ((np.log10(x) - lx.min()) / max(np.ptp(lx), 1e-9))  # noqa: E731
+    py = lambda y: H - B - (H - T - B) * (y - y0) / (y1 - y0)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for x in xs: d.text((px(x) - 8, H - B + 6), f"{x:g}%", fill="black")
+    for y in np.linspace(y0, y1, 5): d.text((6, py(y) - 6), f"{y:.2f}", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)]
+    for i, (name, s) in enumerate(series.items()):
+        pts = [(px(x), py(y)) for x, y in zip(xs, s)]
+        d.line(pts, fill=colours[i % 5], width=2)
+        for q in pts: d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill=colours[i % 5])
+        d.text((W - R + 10, T + 16 * i), name, fill=colours[i % 5])
+    d.text((L, 8), title, fill="black")
+    im.save(path)
 
 
 def run_probe(p):
@@ -939,10 +998,21 @@ def run_probe(p):
         names = [n for n in names if n != "student"] if p.encoder == "all" else names
         if "student" in names: raise UserError(f"{p.ckpt} is a teacher checkpoint: use --encoder teacher")
         ck = dict(ck, teacher={"config": ck["config"], "model": ck["model"]})
+    try:
+        fracs = [float(f) for f in p.fractions.split(",") if f]
+        sev = [float(e) for e in p.severity.split(",") if e]
+    except ValueError:
+        raise UserError(f"--fractions {p.fractions!r} / --severity {p.severity!r}: comma-separated numbers") from None
+    kinds = [c for c in p.corrupt.split(",") if c]
+    if not all(0 < f <= 100 for f in fracs) or not all(e > 0 for e in sev) or set(kinds) - {"blur", "contrast", "speckle"}:
+        raise UserError("--fractions in (0, 100], --severity > 0, --corrupt from blur,contrast,speckle")
     data, classes = probe_data(p, size)
     print(f"[probe] {p.data or p.task}: {', '.join(f'{s} {len(v[2])}' for s, v in data.items())} images; "
           f"classes {classes}; {p.seeds} seeds")
     labels = {s: v[2] for s, v in data.items()}
+    for kind in kinds:  # robustness: the probe is trained on clean features and scored on corrupted test images
+        for e in sev:
+            data[f"test/{kind}/{e:g}"] = (corrupt(*data["test"][:2], kind, e), data["test"][1], labels["test"])
     results = {}
     for name in names:
         tic = time.time()
@@ -959,11 +1029,22 @@ def run_probe(p):
         results[name] = dict(macro_f1_mean=f1.mean().item(), macro_f1_std=f1.std().item() if len(runs) > 1 else 0.0,
                              accuracy_mean=float(np.mean([r["accuracy"] for r in runs])),
                              per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
-                             seconds=round(time.time() - tic, 1))
+                             corrupted={k: mean_std([r["corrupted"][k] for r in runs]) for k in runs[0]["corrupted"]},
+                             few_shot={f"{f:g}": mean_std([fit_probe(feats, labels, len(classes), seed, p, stratified(
+                                 labels["train"].numpy(), f, seed))["macro_f1"] for seed in range(p.seeds)])
+                                 for f in fracs}, seconds=round(time.time() - tic, 1))
     print(f"\n{'encoder':<9} {'macro-F1 (' + str(p.seeds) + ' seeds)':<22} {'accuracy':<9} per-class F1")
     for name, r in results.items():
         pc = "  ".join(f"{c} {v:.3f}" for c, v in zip(classes, r["per_class_f1_mean"]))
         print(f"{name:<9} {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f}{'':<9} {r['accuracy_mean']:.3f}     {pc}")
+    for key, title in (("few_shot", "few-shot macro-F1 (% of the training split)"),
+                       ("corrupted", "robustness macro-F1 (probe trained clean; corruption/severity)")):
+        cols = list(results[names[0]][key])
+        if not cols: continue
+        print(f"\n{title}\n{'encoder':<9} " + " ".join(f"{c:>13}" for c in (["clean"] if key == "corrupted" else []) + cols))
+        for name, r in results.items():
+            clean = [f"{r['macro_f1_mean']:.3f}±{r['macro_f1_std']:.3f}"] if key == "corrupted" else []
+            print(f"{name:<9} " + " ".join(f"{v:>13}" for v in clean + [f"{m:.3f}±{s:.3f}" for m, s in r[key].values()]))
     out = p.out or os.path.join(os.path.dirname(p.ckpt) or ".", f"probe_{p.task if not p.data else 'data'}.json")
     base, i = out, 1
     while os.path.exists(out):  # never overwrite an earlier result
@@ -971,6 +1052,9 @@ def run_probe(p):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
+    if fracs:  # the few-shot curve beside the JSON (its name is new, so this never overwrites either)
+        plot_curves(out[:-5] + "_few_shot.png", fracs, {n: [m for m, _ in r["few_shot"].values()]
+                                                         for n, r in results.items()}, "few-shot macro-F1")
     print(f"\nwrote {out}  (chance macro-F1 ~ {1 / len(classes):.3f} for balanced classes)")
     return results
 
