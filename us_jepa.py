@@ -15,7 +15,7 @@ Commands:
   python us_jepa.py probe       # linear probe: student vs teacher vs random encoder vs pixel features
 Any command takes --help; every field of the config dataclasses is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
-import argparse, dataclasses, difflib, glob, json, math, os, sys, time
+import argparse, copy, dataclasses, difflib, glob, json, math, os, sys, time
 from dataclasses import dataclass, field, fields, asdict
 
 import numpy as np
@@ -62,7 +62,7 @@ class MaskConfig:
 @dataclass
 class TrainConfig:
     out: str = "runs/pretrain"      # run folder: last.pt, best.pt, log.jsonl
-    teacher: str = "runs/teacher/best.pt"  # frozen teacher checkpoint (pretrain only)
+    teacher: str = "runs/teacher/best.pt"  # frozen teacher checkpoint; "ema" = I-JEPA's EMA target (ablation)
     steps: int = 500                # optimiser steps (fixed count, so schedules are reproducible)
     epochs: float = 0.0             # if > 0, overrides steps: epochs x training images / batch_size
     batch_size: int = 64            # images per step (paper: 128)
@@ -714,7 +714,8 @@ def set_kernels(name, device="cpu"):
 
 
 def train(cfg, kind, teacher=None, teacher_ck=None):
-    """Stage 1 (kind='teacher') or stage 2 (kind='student'). Writes last.pt, best.pt and log.jsonl to --out."""
+    """Stage 1 (kind='teacher') or stage 2 (kind='student'). Writes last.pt, best.pt and log.jsonl to --out.
+    teacher='ema': the I-JEPA baseline, targets from an EMA of the student (the ablation US-JEPA lacks)."""
     d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
     last, best_path = os.path.join(t.out, "last.pt"), os.path.join(t.out, "best.pt")
     if t.resume and not os.path.exists(last): raise UserError(f"--resume: no {last} to continue")
@@ -723,6 +724,10 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     loss_salt = set_kernels(t.kernels)
     torch.manual_seed(t.seed)
     encoder = ViT(d.img_size, **asdict(m))
+    ema = isinstance(teacher, str)
+    if ema:  # I-JEPA: the target encoder starts as a copy of the student and follows it (momentum below)
+        teacher, teacher_ck = copy.deepcopy(encoder).requires_grad_(False), {"config": {"data": asdict(d),
+                                                                                        "model": asdict(m)}}
     out_dim = teacher.dim if kind == "student" else (m.patch_size // t.pix_pool) ** 2
     head = Predictor(encoder.grid, encoder.dim, m.pred_dim, m.pred_depth, m.pred_heads, out_dim)
     if teacher is not None and teacher.grid != encoder.grid:
@@ -746,7 +751,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         return loss_salt(pred, feats, tgt, t.loss, t.beta), z
 
     mu, sd = 0.0, 1.0
-    if teacher is not None and t.teacher_std:  # fixed per-channel statistics of the frozen teacher (ours): without
+    if teacher is not None and t.teacher_std and not ema:  # fixed per-channel statistics of the frozen teacher (ours): without
         with torch.no_grad():  # them ~70 % of the layer-normed target is one constant vector (measured), learnt
             f = torch.cat([teacher(pool[i:i + 256].float() / 255) for i in range(0, min(1024, n_train), 256)])
         mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # in 100 steps, after which the probe stayed at chance
@@ -759,6 +764,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         ck = load_checkpoint(last)
         if ck["kind"] != kind: raise UserError(f"{last} is a {ck['kind']} run, not a {kind} run")
         encoder.load_state_dict(ck["model"]); head.load_state_dict(ck["head"]); opt.load_state_dict(ck["opt"])
+        if ema: teacher.load_state_dict(ck["teacher"]["model"])
         start, best = ck["step"], ck["best"]
         print(f"[{kind}] resuming {last} at step {start}")
     print(f"[{kind}] config: {json.dumps(config)}")
@@ -780,8 +786,6 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         encoder.train(); head.train()
         return sum(losses) / n_hold
 
-    # the teacher travels with its student, so `probe` can compare them
-    carry = {} if teacher is None else {"teacher": {"config": teacher_ck["config"], "model": teacher.state_dict()}}
     log = open(os.path.join(t.out, "log.jsonl"), "a")
     t0, seen, busy = time.time(), 0, 0.0
     for step in range(start, steps):
@@ -801,6 +805,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         loss.backward()
         if t.clip > 0: torch.nn.utils.clip_grad_norm_(params, t.clip)
         opt.step()
+        if ema:  # momentum 0.996 -> 1.0 linearly over training (I-JEPA)
+            with torch.no_grad():
+                torch._foreach_lerp_(list(teacher.parameters()), list(encoder.parameters()), 0.004 * (1 - step / steps))
         busy, seen = busy + time.time() - tic, seen + t.batch_size
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             std = z.detach().mean(1).std(0).mean().item()  # across images: near 0 would mean collapse
@@ -813,7 +820,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
             log.write(json.dumps(dict(step=step + 1, heldout_loss=round(held, 5))) + "\n"); log.flush()
             is_best, best = held < best, min(best, held)
             ck = {"kind": kind, "config": config, "step": step + 1, "best": best, "model": encoder.state_dict(),
-                  "head": head.state_dict(), "opt": opt.state_dict(), **carry}
+                  "head": head.state_dict(), "opt": opt.state_dict()}
+            if teacher is not None:  # the teacher travels with its student, so `probe` can compare them
+                ck["teacher"] = {"config": teacher_ck["config"], "model": teacher.state_dict()}
             save_atomic(ck, last)
             if is_best: save_atomic(ck, best_path)
             print(f"[{kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' if is_best else ''}", flush=True)
@@ -1064,6 +1073,7 @@ def run_probe(p):
 
 def run_pretrain(cfg):
     t = cfg["train"]
+    if t.teacher == "ema": return train(cfg, "student", "ema")  # the I-JEPA baseline (ablation)
     if not os.path.exists(t.teacher):
         if t.teacher != TrainConfig.teacher: raise UserError(f"--teacher {t.teacher}: no such file")
         tcfg = parse_config("teacher", ["--preset", cfg["preset"]])  # teacher defaults; this run's data, masks

@@ -59,3 +59,32 @@ def test_bad_protocol_flags(flags, match, capsys):
     with pytest.raises(SystemExit):
         U.main(["probe", "--encoder", "pixels", *flags])
     assert match in capsys.readouterr().err
+
+
+def test_ema_teacher_follows_the_student(tiny_args, tmp_path, monkeypatch):
+    """pretrain --teacher ema: after each step the target encoder moves toward the student by 1 - momentum,
+    momentum 0.996 -> 1.0 (I-JEPA); the checkpoint carries it and --resume restores it exactly."""
+    def run(out, steps, extra=()):
+        U.main(["pretrain", *tiny_args(out, steps=steps, extra=["--teacher", "ema", "--augment", "false", *extra])])
+        return U.load_checkpoint(str(tmp_path / out / "last.pt"))
+
+    one = run("one", 1)  # one step: teacher = init + 0.004 * (student_1 - init), init = the student at step 0
+    torch.manual_seed(0)
+    init = U.ViT(96, 16, "vit_tiny", depth=2).state_dict()
+    for k in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"):
+        want = init[k] + 0.004 * (one["model"][k] - init[k])
+        torch.testing.assert_close(one["teacher"]["model"][k], want, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(one["teacher"]["model"]["patch_embed.proj.weight"], init["patch_embed.proj.weight"])
+
+    full = run("full", 6)
+    real = U.schedule
+    def crash_at_4(step, *a):
+        if step == 4: raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(U, "schedule", crash_at_4)
+    with pytest.raises(SystemExit):
+        run("cut", 6)
+    monkeypatch.setattr(U, "schedule", real)
+    cut = run("cut", 6, ["--resume"])
+    for k in full["teacher"]["model"]:
+        assert torch.equal(full["teacher"]["model"][k], cut["teacher"]["model"][k]), k
