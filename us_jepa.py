@@ -676,14 +676,15 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path):
-    """A checkpoint of this file's format, loaded safely (weights_only: no pickled code runs)."""
+def load_checkpoint(path, ours=True):
+    """A checkpoint of this file's format (or, ours=False, any dict of tensors), loaded safely (weights_only:
+    no pickled code runs)."""
     if not os.path.isfile(path): raise UserError(f"{path}: no such checkpoint")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, pickled objects, not a torch file, ...
         raise UserError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ck, dict) or not {"kind", "config", "model"} <= set(ck):
+    if not isinstance(ck, dict) or (ours and not {"kind", "config", "model"} <= set(ck)):
         raise UserError(f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', 'model')")
     return ck
 
@@ -692,12 +693,54 @@ def build_encoder(config, state=None, path="checkpoint"):
     """The ViT described by a stored config (the dict saved in every checkpoint), with its weights if given."""
     vit = ViT(config["data"]["img_size"], **config["model"])
     if state is not None:
+        state = dict(state)
+        pos = state.pop("pos_embed", None)  # a learnt position table (external teachers) replaces the sin-cos one
         try:
             vit.load_state_dict(state)
+            if pos is not None: vit.pos_embed.copy_(pos)
         except RuntimeError as e:
             raise UserError(f"{path}: weights do not fit the ViT its config describes "
-                            f"({str(e).splitlines()[1].strip()[:160]})") from None
+                            f"({str(e).splitlines()[-1].strip()[:160]})") from None
     return vit
+
+
+TIMM_IGNORED = ("cls_token", "head.", "fc_norm.", "pre_logits.", "mask_token")  # unused by a patch-feature teacher
+
+
+def external_teacher(sd, path, img_size):
+    """A timm-style ViT state dict (e.g. an ultrasound foundation model's ViT-B/16) -> (ViT, its config). Strips
+    wrapper prefixes, sums an RGB patch embedding into one gray channel (= the gray image fed 3 times), drops
+    the CLS token and its position, interpolates the position table to our grid; refuses anything else."""
+    for key in ("model", "state_dict", "teacher", "target_encoder"):  # common wrappers around the weights
+        if isinstance(sd.get(key), dict): sd = sd[key]
+    out = {}
+    for k, v in sd.items():
+        while k.split(".", 1)[0] in ("module", "encoder", "model", "backbone") and "." in k: k = k.split(".", 1)[1]
+        if isinstance(v, torch.Tensor) and not k.startswith(TIMM_IGNORED): out[k] = v
+    w, pos = out.get("patch_embed.proj.weight"), out.get("pos_embed")
+    if w is None or w.ndim != 4 or pos is None:
+        raise UserError(f"{path}: not a us_jepa checkpoint ('kind', 'config', 'model') nor a timm ViT state dict "
+                        "(patch_embed.proj.weight, pos_embed)")
+    dim, p = w.shape[0], w.shape[-1]
+    name = next((n for n, (width, _) in ENCODERS.items() if width == dim), None)
+    if name is None: raise UserError(f"{path}: width {dim} is not one of {[v[0] for v in ENCODERS.values()]}")
+    out["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
+    n = pos.shape[1]
+    g0 = math.isqrt(n - 1) if math.isqrt(n) ** 2 != n else math.isqrt(n)
+    if g0 * g0 not in (n, n - 1): raise UserError(f"{path}: pos_embed holds {n} positions, not a square grid (+ CLS)")
+    grid = img_size // p
+    pos = pos[:, n - g0 * g0:].reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # without CLS: (1, D, g0, g0)
+    out["pos_embed"] = F.interpolate(pos.float(), (grid, grid), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    depth = 1 + max((int(k.split(".")[1]) for k in out if k.startswith("blocks.")), default=-1)
+    config = {"data": {"img_size": img_size}, "model": {"model": name, "depth": depth, "patch_size": p}}
+    want = set(ViT(img_size, p, name, depth).state_dict()) | {"pos_embed"}
+    missing, unexpected = sorted(want - set(out)), sorted(set(out) - want)
+    if missing or unexpected:
+        raise UserError(f"{path}: does not match a timm ViT: {len(missing)} missing keys {missing[:3]}, "
+                        f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    print(f"[pretrain] external teacher {path}: {name}, depth {depth}, patch {p}, {w.shape[1]}-channel patch "
+          f"embedding summed to 1, positions {g0}x{g0} -> {grid}x{grid}")
+    return build_encoder(config, out, path), {"config": config}
 
 
 def set_kernels(name, device="cpu"):
@@ -822,7 +865,8 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
             ck = {"kind": kind, "config": config, "step": step + 1, "best": best, "model": encoder.state_dict(),
                   "head": head.state_dict(), "opt": opt.state_dict()}
             if teacher is not None:  # the teacher travels with its student, so `probe` can compare them
-                ck["teacher"] = {"config": teacher_ck["config"], "model": teacher.state_dict()}
+                ck["teacher"] = {"config": teacher_ck["config"], "model": {**teacher.state_dict(),
+                                                                           "pos_embed": teacher.pos_embed}}
             save_atomic(ck, last)
             if is_best: save_atomic(ck, best_path)
             print(f"[{kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' if is_best else ''}", flush=True)
@@ -1086,8 +1130,11 @@ def run_pretrain(cfg):
         print(f"[pretrain] no teacher at {t.teacher}: training one first (SALT stage 1, "
               f"{tcfg['train'].steps} steps; `python us_jepa.py teacher` trains your own)")
         train(tcfg, "teacher")
-    teacher_ck = load_checkpoint(t.teacher)
-    teacher = build_encoder(teacher_ck["config"], teacher_ck["model"], t.teacher)
+    teacher_ck = load_checkpoint(t.teacher, ours=False)
+    if {"kind", "config", "model"} <= set(teacher_ck):  # this file's format
+        teacher = build_encoder(teacher_ck["config"], teacher_ck["model"], t.teacher)
+    else:  # a state dict from elsewhere (timm names)
+        teacher, teacher_ck = external_teacher(teacher_ck, t.teacher, cfg["data"].img_size)
     teacher.eval().requires_grad_(False)  # frozen for good: never trained, never EMA-updated
     return train(cfg, "student", teacher, teacher_ck)
 

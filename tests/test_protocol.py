@@ -88,3 +88,58 @@ def test_ema_teacher_follows_the_student(tiny_args, tmp_path, monkeypatch):
     cut = run("cut", 6, ["--resume"])
     for k in full["teacher"]["model"]:
         assert torch.equal(full["teacher"]["model"][k], cut["teacher"]["model"][k]), k
+
+
+def timm_state(vit, cls=True, rgb=True, prefix="module.", extra=()):
+    """A timm-format state dict made from one of our ViTs (none can be downloaded): learnt positions with a
+    CLS slot, an RGB patch embedding whose channels sum to ours, a classifier head, a wrapper prefix."""
+    sd = {k: v.clone() for k, v in vit.state_dict().items()}
+    w = sd["patch_embed.proj.weight"]
+    if rgb: sd["patch_embed.proj.weight"] = torch.cat([w * 0.2, w * 0.3, w * 0.5], 1)
+    pos = vit.pos_embed.clone()
+    sd["pos_embed"] = torch.cat([torch.randn(1, 1, pos.shape[2]), pos], 1) if cls else pos
+    if cls: sd["cls_token"] = torch.randn(1, 1, pos.shape[2])
+    sd["head.weight"], sd["head.bias"] = torch.randn(1000, pos.shape[2]), torch.zeros(1000)
+    sd.update(dict(extra))
+    return {prefix + k: v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("cls,rgb,prefix", [(True, True, "module."), (False, False, ""), (True, False, "encoder.")])
+def test_external_timm_teacher_maps_exactly(cls, rgb, prefix):
+    torch.manual_seed(0)
+    vit = U.ViT(96, 16, "vit_tiny", depth=2).eval()
+    vit.pos_embed.copy_(torch.randn_like(vit.pos_embed) * 0.1)  # learnt-looking positions must be used as given
+    teacher, ck = U.external_teacher(timm_state(vit, cls, rgb, prefix), "x.pt", 96)
+    assert ck["config"]["model"] == {"model": "vit_tiny", "depth": 2, "patch_size": 16}
+    img = torch.rand(2, 1, 96, 96)
+    torch.testing.assert_close(teacher.eval()(img), vit(img), rtol=1e-4, atol=1e-5)
+
+
+def test_external_teacher_positions_are_interpolated_to_our_grid():
+    vit = U.ViT(112, 16, "vit_tiny", depth=1)  # a 7x7 grid, loaded for 96 px (6x6)
+    teacher, _ = U.external_teacher(timm_state(vit), "x.pt", 96)
+    assert teacher.grid == 6 and teacher.pos_embed.shape == (1, 36, 192)
+    assert teacher(torch.rand(1, 1, 96, 96)).shape == (1, 36, 192)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(extra={"blocks.0.ls1.gamma": torch.ones(192)}), "1 unexpected keys ['blocks.0.ls1.gamma']"),
+    (dict(drop="blocks.1.mlp.fc2.bias"), "1 missing keys ['blocks.1.mlp.fc2.bias']"),
+    (dict(drop="pos_embed"), "nor a timm ViT state dict"),
+    (dict(width=100), "width 100 is not one of")])
+def test_external_teacher_that_does_not_match_is_refused(change, match):
+    sd = timm_state(U.ViT(96, 16, "vit_tiny", depth=2), prefix="", extra=change.get("extra", {}))
+    sd.pop(change.get("drop", "nothing"), None)
+    if "width" in change: sd["patch_embed.proj.weight"] = torch.randn(100, 3, 16, 16)
+    with pytest.raises(U.UserError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        U.external_teacher(sd, "x.pt", 96)
+
+
+def test_pretrain_with_an_external_teacher_file(tiny_args, tmp_path, capsys):
+    """End to end: a timm-format file as --teacher; the student trains; probe can rebuild its teacher."""
+    torch.save(timm_state(U.ViT(96, 16, "vit_tiny", depth=2)), tmp_path / "ext.pt")
+    U.main(["pretrain", *tiny_args("s", steps=2, extra=["--teacher", str(tmp_path / "ext.pt")])])
+    assert "external teacher" in capsys.readouterr().out
+    ck = U.load_checkpoint(str(tmp_path / "s" / "last.pt"))
+    t = U.build_encoder(ck["teacher"]["config"], ck["teacher"]["model"])
+    assert torch.equal(t.pos_embed, U.external_teacher(torch.load(tmp_path / "ext.pt"), "e", 96)[0].pos_embed)
