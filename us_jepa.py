@@ -99,6 +99,8 @@ class ProbeConfig:
     lr: float = 1e-3                # AdamW (paper)
     wd: float = 1e-4                # (paper)
     batch_size: int = 32            # (paper)
+    head: str = "linear"            # linear (paper) | attentive (V-JEPA's attentive probe; ours)
+    layers: int = 1                 # features from the last N blocks, mean-pooled and concatenated (1 = paper)
     fractions: str = ""             # few-shot: % of the training split, e.g. 1,5,10,50,100 (stratified; paper)
     corrupt: str = ""               # robustness: also test on corrupted images, e.g. blur,contrast,speckle (paper)
     severity: str = "1,2,3"         # corruption severities (paper)
@@ -579,14 +581,17 @@ class ViT(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # MAE: initialise the patch projection like a Linear
 
-    def forward(self, img, idx=None):
-        """img (B, 1, H, W); idx (B, K) patch indices to keep (the context) or None for all -> (B, K or N, D)."""
+    def forward(self, img, idx=None, layers=1):
+        """img (B, 1, H, W); idx (B, K) patch indices to keep (the context) or None for all -> (B, K or N, D);
+        layers > 1 (probing only): the last `layers` blocks' outputs, each normed, side by side (B, N, layers*D)."""
         x = self.patch_embed((img - 0.5) / 0.25) + self.pos_embed  # (B, N, D); pixels [0, 1] -> [-2, 2]
         if idx is not None:
             x = gather(x, idx[None])  # (B, K, D): the encoder never sees the dropped patches
+        outs = []
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+            outs.append(x)
+        return self.norm(x) if layers == 1 else torch.cat([self.norm(h) for h in outs[-layers:]], -1)
 
 
 class Predictor(nn.Module):
@@ -807,7 +812,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         ck = load_checkpoint(last)
         if ck["kind"] != kind: raise UserError(f"{last} is a {ck['kind']} run, not a {kind} run")
         encoder.load_state_dict(ck["model"]); head.load_state_dict(ck["head"]); opt.load_state_dict(ck["opt"])
-        if ema: teacher.load_state_dict(ck["teacher"]["model"])
+        if ema: teacher.load_state_dict({k: v for k, v in ck["teacher"]["model"].items() if k != "pos_embed"})
         start, best = ck["step"], ck["best"]
         print(f"[{kind}] resuming {last} at step {start}")
     print(f"[{kind}] config: {json.dumps(config)}")
@@ -929,10 +934,28 @@ def probe_data(p, size):
 
 
 @torch.no_grad()
-def encode(vit, imgs, batch=256):
-    """Frozen features: mean of the last layer's patch tokens. (N, 1, S, S) -> (N, D)"""
+def encode(vit, imgs, batch=256, layers=1, tokens=False):
+    """Frozen features: mean of the last layer's patch tokens (N, 1, S, S) -> (N, D) (paper); or of the last
+    `layers` layers side by side (N, layers*D); tokens=True keeps every token for the attentive probe."""
     vit.eval()
-    return torch.cat([vit(imgs[i:i + batch]).mean(1) for i in range(0, len(imgs), batch)])
+    return torch.cat([vit(imgs[i:i + batch], layers=layers).mean(1) if not tokens else vit(imgs[i:i + batch],
+                      layers=layers) for i in range(0, len(imgs), batch)])
+
+
+class AttentiveProbe(nn.Module):
+    """V-JEPA's attentive probe: one learnt query cross-attends to the frozen patch tokens, then a linear layer.
+    Mean pooling can wash out cues that are contrasts between regions; attention can weigh the regions."""
+    def __init__(self, dim, n_classes, heads=4):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, tokens):  # (B, N, D) -> (B, n_classes)
+        kv = self.norm1(tokens)
+        x = self.query.expand(len(tokens), -1, -1) + self.attn(self.query.expand(len(tokens), -1, -1), kv, kv)[0]
+        return self.head((x + self.mlp(self.norm2(x)))[:, 0])
 
 
 def pixel_features(imgs, fans):
@@ -955,7 +978,10 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
     g = torch.Generator().manual_seed(seed)
     xtr, ytr = feats["train"], labels["train"]
     if subset is not None: xtr, ytr = xtr[subset], ytr[subset]
-    head = nn.Sequential(nn.BatchNorm1d(xtr.shape[1], affine=False), nn.Linear(xtr.shape[1], n_classes))
+    if xtr.ndim == 3:  # tokens: the attentive probe (ours, beyond the paper)
+        head = AttentiveProbe(xtr.shape[2], n_classes, heads=max(1, xtr.shape[2] // 64))
+    else:  # the paper's linear probe (MAE's BatchNorm without affine in front)
+        head = nn.Sequential(nn.BatchNorm1d(xtr.shape[1], affine=False), nn.Linear(xtr.shape[1], n_classes))
     opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.wd)
     per_epoch = math.ceil(len(xtr) / p.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, p.epochs * per_epoch)
@@ -1038,6 +1064,8 @@ def plot_curves(path, xs, series, title):
 
 
 def run_probe(p):
+    if p.head not in ("linear", "attentive") or p.layers < 1:
+        raise UserError(f"--head {p.head} --layers {p.layers}: head linear | attentive, layers >= 1")
     if p.encoder not in ("student", "teacher", "random", "pixels", "all"):
         raise UserError(f"--encoder {p.encoder}: student | teacher | random | pixels | all")
     if min(p.seeds, p.epochs, p.patience, p.n_train, p.n_val, p.n_test) < 1 or p.batch_size < 2:
@@ -1076,7 +1104,9 @@ def run_probe(p):
             src = ck["teacher"] if name == "teacher" else ck
             vit = build_encoder(src["config"], None if name == "random" else src["model"], p.ckpt)
             if vit.grid * vit.patch_size != size: raise UserError(f"{p.ckpt}: teacher and student sizes differ")
-            feats = {s: encode(vit, v[0]) for s, v in data.items()}  # computed once, shared by all seeds
+            if p.layers > len(vit.blocks): raise UserError(f"--layers {p.layers}: the {name} has {len(vit.blocks)}")
+            feats = {s: encode(vit, v[0], layers=p.layers, tokens=p.head == "attentive")  # computed once,
+                     for s, v in data.items()}  # shared by all seeds
         runs = [fit_probe(feats, labels, len(classes), seed, p) for seed in range(p.seeds)]
         f1 = torch.tensor([r["macro_f1"] for r in runs])
         results[name] = dict(macro_f1_mean=f1.mean().item(), macro_f1_std=f1.std().item() if len(runs) > 1 else 0.0,

@@ -143,3 +143,49 @@ def test_pretrain_with_an_external_teacher_file(tiny_args, tmp_path, capsys):
     ck = U.load_checkpoint(str(tmp_path / "s" / "last.pt"))
     t = U.build_encoder(ck["teacher"]["config"], ck["teacher"]["model"])
     assert torch.equal(t.pos_embed, U.external_teacher(torch.load(tmp_path / "ext.pt"), "e", 96)[0].pos_embed)
+
+
+@pytest.fixture
+def student_ckpt(tmp_path):
+    torch.manual_seed(0)
+    config = {"data": {"img_size": 64}, "model": {"model": "vit_tiny", "depth": 3, "patch_size": 16}}
+    vit = U.ViT(64, 16, "vit_tiny", depth=3)
+    path = tmp_path / "s.pt"
+    torch.save({"kind": "student", "config": config, "model": vit.state_dict(),
+                "teacher": {"config": config, "model": vit.state_dict()}}, path)
+    return str(path)
+
+
+def test_multi_layer_features_and_attentive_probe(student_ckpt, tmp_path):
+    vit = U.build_encoder(U.load_checkpoint(student_ckpt)["config"], U.load_checkpoint(student_ckpt)["model"])
+    img = torch.rand(5, 1, 64, 64)
+    one, three = U.encode(vit, img), U.encode(vit, img, layers=3)
+    assert one.shape == (5, 192) and three.shape == (5, 576) and torch.allclose(three[:, -192:], one, atol=1e-6)
+    assert U.encode(vit, img, tokens=True).shape == (5, 16, 192)
+    for head, layers in (("attentive", 1), ("linear", 2)):
+        out = tmp_path / f"{head}.json"
+        U.main(["probe", "--ckpt", student_ckpt, "--encoder", "student", "--head", head, "--layers", str(layers),
+                "--n_train", "40", "--n_val", "20", "--n_test", "20", "--seeds", "1", "--epochs", "3",
+                "--out", str(out)])
+        r = json.loads(out.read_text())
+        assert r["config"]["head"] == head and 0 <= r["results"]["student"]["macro_f1_mean"] <= 1
+    with pytest.raises(SystemExit):
+        U.main(["probe", "--ckpt", student_ckpt, "--encoder", "student", "--layers", "4"])
+
+
+def test_attentive_probe_can_read_a_regional_contrast():
+    """The case mean pooling loses (cpu-recipe notes): the class is which half of the tokens is brighter.
+    Mean-pooled features are identical across classes; the attentive probe separates them."""
+    g = torch.Generator().manual_seed(0)
+    n, L, D = 256, 8, 16
+    y = torch.arange(n) % 2
+    base = torch.randn(n, 1, D, generator=g).expand(-1, L, -1).clone()
+    sign = torch.where(y[:, None] == 1, 1.0, -1.0) * torch.cat([torch.ones(L // 2), -torch.ones(L // 2)])
+    tokens = base + sign[:, :, None] * torch.linspace(-1, 1, D)  # half the tokens +v, half -v: the mean is equal
+    tokens[:, :, 0] = torch.arange(L) / L  # a position code, so the probe can tell the halves apart
+    feats = {s: tokens for s in ("train", "val", "test")}
+    labels = {s: y for s in ("train", "val", "test")}
+    p = U.ProbeConfig(epochs=60, seeds=1)
+    att = U.fit_probe(feats, labels, 2, 0, p)["macro_f1"]
+    lin = U.fit_probe({s: v.mean(1) for s, v in feats.items()}, labels, 2, 0, p)["macro_f1"]
+    assert att > 0.9 and lin < 0.7, (att, lin)
