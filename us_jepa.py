@@ -13,6 +13,7 @@ Commands:
   python us_jepa.py teacher     # stage 1: train a teacher on built-in synthetic ultrasound (or --data DIR)
   python us_jepa.py pretrain    # stage 2: SALT student (trains a teacher first if none is found)
   python us_jepa.py probe       # linear probe: student vs teacher vs random encoder vs pixel features
+  python us_jepa.py show        # figures: the masks on images, PCA of the student's patch features
 Any command takes --help; every field of the config dataclasses is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
 import argparse, copy, dataclasses, difflib, glob, json, math, os, sys, time
@@ -107,9 +108,18 @@ class ProbeConfig:
     out: str = ""                   # result JSON; "" = probe_<task>.json beside the checkpoint
     threads: int = 0                # torch CPU threads, 0 = torch's default
 
+@dataclass
+class ShowConfig:
+    ckpt: str = "runs/pretrain/best.pt"  # the encoder whose features the PCA figure shows
+    n_images: int = 4               # built-in lesion images per figure
+    usrc: bool = True               # the mask figure uses USrc masks (invalid fan patches greyed)
+    out: str = "runs/figures"       # folder for masks.png and pca.png (an existing file is kept: -1, -2, ...)
+    seed: int = 0                   # seeds the masks
+
 ENCODERS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 SECTIONS = {"teacher": (DataConfig, ModelConfig, MaskConfig, TrainConfig),
-            "pretrain": (DataConfig, ModelConfig, MaskConfig, TrainConfig), "probe": (ProbeConfig,)}
+            "pretrain": (DataConfig, ModelConfig, MaskConfig, TrainConfig), "probe": (ProbeConfig,),
+            "show": (ShowConfig,)}
 # Stage 1 trains a small pixel decoder for a short budget at a constant LR (SALT: a brief teacher suffices).
 DEFAULTS = {"teacher": dict(out="runs/teacher", steps=250, pred_depth=2, pred_dim=128, pred_heads=4,
                             final_lr=1e-3, wd=(0.05, 0.05))}
@@ -145,7 +155,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(command, argv):
     """Flags -> a dict of section name -> dataclass instance. Precedence: field < command < preset < flag."""
     p = _Parser(prog=f"us_jepa.py {command}", description=f"us_jepa.py {command}")
-    if command != "probe":
+    if command in ("teacher", "pretrain"):
         p.add_argument("--preset", choices=["demo", "paper"], default="demo", help="demo (CPU) or paper")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     for cls in SECTIONS[command]:
@@ -681,6 +691,15 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def unique_path(path):
+    """`path`, or path-1, path-2, ... : never overwrite a result."""
+    base, ext = os.path.splitext(path)
+    i = 1
+    while os.path.exists(path):
+        path, i = f"{base}-{i}{ext}", i + 1
+    return path
+
+
 def load_checkpoint(path, ours=True):
     """A checkpoint of this file's format (or, ours=False, any dict of tensors), loaded safely (weights_only:
     no pickled code runs)."""
@@ -1128,10 +1147,7 @@ def run_probe(p):
         for name, r in results.items():
             clean = [f"{r['macro_f1_mean']:.3f}±{r['macro_f1_std']:.3f}"] if key == "corrupted" else []
             print(f"{name:<9} " + " ".join(f"{v:>13}" for v in clean + [f"{m:.3f}±{s:.3f}" for m, s in r[key].values()]))
-    out = p.out or os.path.join(os.path.dirname(p.ckpt) or ".", f"probe_{p.task if not p.data else 'data'}.json")
-    base, i = out, 1
-    while os.path.exists(out):  # never overwrite an earlier result
-        out, i = f"{os.path.splitext(base)[0]}-{i}.json", i + 1
+    out = unique_path(p.out or os.path.join(os.path.dirname(p.ckpt) or ".", f"probe_{p.task if not p.data else 'data'}.json"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
@@ -1140,6 +1156,42 @@ def run_probe(p):
                                                          for n, r in results.items()}, "few-shot macro-F1")
     print(f"\nwrote {out}  (chance macro-F1 ~ {1 / len(classes):.3f} for balanced classes)")
     return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures for readers (`show`): the masks on a few images, and the student's patch features as colours.
+
+def run_show(s):
+    from PIL import Image
+    ck = load_checkpoint(s.ckpt)
+    vit = build_encoder(ck["config"], ck["model"], s.ckpt).eval()
+    S, p, g, n = vit.grid * vit.patch_size, vit.patch_size, vit.grid, s.n_images
+    imgs, fans, _ = synth_batch(range(n), S, 2, "lesion")  # (n, 1, S, S) each
+    valid = (F.max_pool2d(fans.float(), p)[:, 0] > 0).numpy()  # (n, g, g) patches inside the fan
+    k = dataclasses.replace(MaskConfig(**ck["config"].get("mask", {})), usrc=s.usrc)
+    ctx, tgt = sample_masks(np.random.default_rng(s.seed), n, g, k, valid if s.usrc else None)
+    colours = np.array([(60, 130, 255), (230, 60, 60), (250, 170, 40), (60, 190, 90), (180, 80, 220)], float)
+    rgb = np.repeat(imgs[:, 0, :, :, None].numpy() * 255, 3, -1)  # (n, S, S, 3)
+    over = np.full((n, g * g, 3), np.nan)  # the colour of each patch, NaN = left as it is
+    over[~valid.reshape(n, -1)] = 128  # invalid (outside the fan): grey
+    for b in range(n):
+        over[b, ctx[b]] = colours[0]  # context blue; the 4 targets red, orange, green, purple
+        for m in range(tgt.shape[0]): over[b, tgt[m, b]] = colours[1 + m % 4]
+    over = over.reshape(n, g, g, 3).repeat(p, 1).repeat(p, 2)  # (n, S, S, 3)
+    mixed = np.where(np.isnan(over), rgb, 0.45 * np.nan_to_num(over) + 0.55 * rgb)
+    with torch.no_grad():
+        f = vit(imgs)  # (n, N, D)
+    x = f.reshape(-1, f.shape[-1]) - f.reshape(-1, f.shape[-1]).mean(0)
+    pcs = x @ torch.linalg.svd(x, full_matrices=False)[2][:3].T  # (n*N, 3) first three principal components
+    lo, hi = pcs.quantile(0.02, 0), pcs.quantile(0.98, 0)
+    pca = ((pcs - lo) / (hi - lo)).clamp(0, 1).reshape(n, g, g, 3).repeat_interleave(p, 1).repeat_interleave(p, 2)
+    os.makedirs(s.out, exist_ok=True)
+    for name, rows in (("masks", [mixed]), ("pca", [rgb, pca.numpy() * 255])):
+        grid_img = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)  # images side by side
+        path = unique_path(os.path.join(s.out, f"{name}.png"))
+        Image.fromarray(grid_img.clip(0, 255).astype(np.uint8)).resize(
+            (grid_img.shape[1] * 2, grid_img.shape[0] * 2), Image.NEAREST).save(path)
+        print(f"[show] wrote {path}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1171,16 +1223,16 @@ def run_pretrain(cfg):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = ("teacher", "pretrain", "probe")
+    commands = ("teacher", "pretrain", "probe", "show")
     if not argv or argv[0] in ("-h", "--help"):
         return print("usage:" + __doc__.split("Commands:")[1].rstrip())
     cmd = argv[0]
     try:
         if cmd not in commands: raise UserError(f"unknown command {cmd!r}; choose one of {', '.join(commands)}")
         cfg = parse_config(cmd, argv[1:])
-        section = cfg["probe"] if cmd == "probe" else cfg["train"]
-        if section.threads: torch.set_num_threads(section.threads)
+        if getattr(cfg.get("train") or cfg[cmd], "threads", 0): torch.set_num_threads((cfg.get("train") or cfg[cmd]).threads)
         if cmd == "probe": return run_probe(cfg["probe"])
+        if cmd == "show": return run_show(cfg["show"])
         check_config(cfg)
         return train(cfg, "teacher") if cmd == "teacher" else run_pretrain(cfg)
     except UserError as e:

@@ -189,3 +189,15 @@ def test_attentive_probe_can_read_a_regional_contrast():
     att = U.fit_probe(feats, labels, 2, 0, p)["macro_f1"]
     lin = U.fit_probe({s: v.mean(1) for s, v in feats.items()}, labels, 2, 0, p)["macro_f1"]
     assert att > 0.9 and lin < 0.7, (att, lin)
+
+
+def test_show_writes_both_figures_and_never_overwrites(student_ckpt, tmp_path):
+    from PIL import Image
+    for _ in range(2):
+        U.main(["show", "--ckpt", student_ckpt, "--n_images", "3", "--out", str(tmp_path / "fig")])
+    names = sorted(f.name for f in (tmp_path / "fig").iterdir())
+    assert names == ["masks-1.png", "masks.png", "pca-1.png", "pca.png"]
+    m, p = Image.open(tmp_path / "fig" / "masks.png"), Image.open(tmp_path / "fig" / "pca.png")
+    assert m.size == (3 * 64 * 2, 64 * 2) and p.size == (3 * 64 * 2, 2 * 64 * 2)  # 2x upscaled; pca: image + map
+    a = np.asarray(m).reshape(-1, 3)
+    assert ((a[:, 2] > a[:, 0] + 40)).any()  # some context (blue) overlay is there
