@@ -728,45 +728,6 @@ def build_encoder(config, state=None, path="checkpoint"):
     return vit
 
 
-TIMM_IGNORED = ("cls_token", "head.", "fc_norm.", "pre_logits.", "mask_token")  # unused by a patch-feature teacher
-
-
-def external_teacher(sd, path, img_size):
-    """A timm-style ViT state dict (e.g. an ultrasound foundation model's ViT-B/16) -> (ViT, its config). Strips
-    wrapper prefixes, sums an RGB patch embedding into one gray channel (= the gray image fed 3 times), drops
-    the CLS token and its position, interpolates the position table to our grid; refuses anything else."""
-    for key in ("model", "state_dict", "teacher", "target_encoder"):  # common wrappers around the weights
-        if isinstance(sd.get(key), dict): sd = sd[key]
-    out = {}
-    for k, v in sd.items():
-        while k.split(".", 1)[0] in ("module", "encoder", "model", "backbone") and "." in k: k = k.split(".", 1)[1]
-        if isinstance(v, torch.Tensor) and not k.startswith(TIMM_IGNORED): out[k] = v
-    w, pos = out.get("patch_embed.proj.weight"), out.get("pos_embed")
-    if w is None or w.ndim != 4 or pos is None:
-        raise UserError(f"{path}: not a us_jepa checkpoint ('kind', 'config', 'model') nor a timm ViT state dict "
-                        "(patch_embed.proj.weight, pos_embed)")
-    dim, p = w.shape[0], w.shape[-1]
-    name = next((n for n, (width, _) in ENCODERS.items() if width == dim), None)
-    if name is None: raise UserError(f"{path}: width {dim} is not one of {[v[0] for v in ENCODERS.values()]}")
-    out["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
-    n = pos.shape[1]
-    g0 = math.isqrt(n - 1) if math.isqrt(n) ** 2 != n else math.isqrt(n)
-    if g0 * g0 not in (n, n - 1): raise UserError(f"{path}: pos_embed holds {n} positions, not a square grid (+ CLS)")
-    grid = img_size // p
-    pos = pos[:, n - g0 * g0:].reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # without CLS: (1, D, g0, g0)
-    out["pos_embed"] = F.interpolate(pos.float(), (grid, grid), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
-    depth = 1 + max((int(k.split(".")[1]) for k in out if k.startswith("blocks.")), default=-1)
-    config = {"data": {"img_size": img_size}, "model": {"model": name, "depth": depth, "patch_size": p}}
-    want = set(ViT(img_size, p, name, depth).state_dict()) | {"pos_embed"}
-    missing, unexpected = sorted(want - set(out)), sorted(set(out) - want)
-    if missing or unexpected:
-        raise UserError(f"{path}: does not match a timm ViT: {len(missing)} missing keys {missing[:3]}, "
-                        f"{len(unexpected)} unexpected keys {unexpected[:3]}")
-    print(f"[pretrain] external teacher {path}: {name}, depth {depth}, patch {p}, {w.shape[1]}-channel patch "
-          f"embedding summed to 1, positions {g0}x{g0} -> {grid}x{grid}")
-    return build_encoder(config, out, path), {"config": config}
-
-
 def set_kernels(name, device="cpu"):
     """--kernels: fused masked_gather + salt_loss from kernels/ (they match the references above, as
     tests/test_kernels.py checks); 'torch' keeps the references. Rebinds the models' `gather`; returns the loss."""
@@ -961,22 +922,6 @@ def encode(vit, imgs, batch=256, layers=1, tokens=False):
                       layers=layers) for i in range(0, len(imgs), batch)])
 
 
-class AttentiveProbe(nn.Module):
-    """V-JEPA's attentive probe: one learnt query cross-attends to the frozen patch tokens, then a linear layer.
-    Mean pooling can wash out cues that are contrasts between regions; attention can weigh the regions."""
-    def __init__(self, dim, n_classes, heads=4):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
-        self.head = nn.Linear(dim, n_classes)
-
-    def forward(self, tokens):  # (B, N, D) -> (B, n_classes)
-        kv = self.norm1(tokens)
-        x = self.query.expand(len(tokens), -1, -1) + self.attn(self.query.expand(len(tokens), -1, -1), kv, kv)[0]
-        return self.head((x + self.mlp(self.norm2(x)))[:, 0])
-
-
 def pixel_features(imgs, fans):
     """Trivial features: a 32-bin intensity histogram inside the fan + 16x16 downsampled pixels. (N, 288)"""
     hist = torch.stack([torch.histc(x[f], 32, 0, 1) / f.sum().clamp(min=1) for x, f in zip(imgs, fans)])
@@ -1028,58 +973,6 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
     per_class = f1_scores(pred, labels["test"], n_classes)
     return dict(macro_f1=sum(per_class) / n_classes, accuracy=(pred == labels["test"]).float().mean().item(),
                 per_class_f1=per_class, epochs=epoch + 1, corrupted=corrupted)
-
-
-def mean_std(v): return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-
-
-def stratified(labels, percent, seed):
-    """Indices of `percent` % of each class (at least one image per class), drawn with the seed. (few-shot)"""
-    g = np.random.default_rng([seed, round(percent * 1000)])
-    return np.sort(np.concatenate([g.permutation(np.flatnonzero(labels == c))[:max(1, round(percent / 100 * n))]
-                                   for c, n in zip(*np.unique(labels, return_counts=True))]))
-
-
-def corrupt(imgs, fans, kind, eps, seed=0):
-    """The paper's test-time corruptions (method notes 7) of (N, 1, S, S) images in [0, 1], severity eps."""
-    r = int(2 * eps)  # Gaussian kernel 2*floor(2 eps) + 1 taps, sigma = eps
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / eps) ** 2)
-    k = k / k.sum()
-    smooth = lambda x: F.conv2d(F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1)),  # noqa
-                                k.view(1, 1, -1, 1))
-    if kind == "blur":
-        x = smooth(imgs)
-    elif kind == "contrast":  # toward the median inside the fan: alpha 0.7, 0.5, 0.3
-        m = torch.stack([x[f].median() if f.any() else x.median() for x, f in zip(imgs, fans)]).view(-1, 1, 1, 1)
-        x = m + (0.9 - 0.2 * eps) * (imgs - m)
-    else:  # correlated multiplicative speckle: eta ~ N(0, (0.35 eps)^2) smoothed by the same Gaussian (ours)
-        eta = torch.randn(imgs.shape, generator=torch.Generator().manual_seed(seed)) * 0.35 * eps
-        x = imgs * (1 + smooth(eta))
-    return x.clamp(0, 1) * fans
-
-
-def plot_curves(path, xs, series, title):
-    """A small line chart with pillow (x on a log axis): the few-shot curve, macro-F1 per % of training data."""
-    from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 560, 360, 56, 110, 28, 36  # size and margins in pixels
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    lx = np.log10(xs)
-    ys = [v for s in series.values() for v in s]
-    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
-    px = lambda x: L + (W - L - R) * ((np.log10(x) - lx.min()) / max(np.ptp(lx), 1e-9))  # noqa: E731
-    py = lambda y: H - B - (H - T - B) * (y - y0) / (y1 - y0)  # noqa: E731
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for x in xs: d.text((px(x) - 8, H - B + 6), f"{x:g}%", fill="black")
-    for y in np.linspace(y0, y1, 5): d.text((6, py(y) - 6), f"{y:.2f}", fill="black")
-    colours = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)]
-    for i, (name, s) in enumerate(series.items()):
-        pts = [(px(x), py(y)) for x, y in zip(xs, s)]
-        d.line(pts, fill=colours[i % 5], width=2)
-        for q in pts: d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill=colours[i % 5])
-        d.text((W - R + 10, T + 16 * i), name, fill=colours[i % 5])
-    d.text((L, 8), title, fill="black")
-    im.save(path)
 
 
 def run_probe(p):
@@ -1159,9 +1052,119 @@ def run_probe(p):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figures for readers (`show`): the masks on a few images, and the student's patch features as colours.
+# Beyond the core (issue 4): the paper's evaluation protocol and what it left out. External teachers, the
+# attentive probe, few-shot subsets, test-time corruptions, and figures for readers (`show`). The method above
+# reads without them; `train` and `run_probe` call them only when their flags ask.
+
+TIMM_IGNORED = ("cls_token", "head.", "fc_norm.", "pre_logits.", "mask_token")  # unused by a patch-feature teacher
+
+
+def external_teacher(sd, path, img_size):
+    """A timm-style ViT state dict (e.g. an ultrasound foundation model's ViT-B/16) -> (ViT, its config). Strips
+    wrapper prefixes, sums an RGB patch embedding into one gray channel (= the gray image fed 3 times), drops
+    the CLS token and its position, interpolates the position table to our grid; refuses anything else."""
+    for key in ("model", "state_dict", "teacher", "target_encoder"):  # common wrappers around the weights
+        if isinstance(sd.get(key), dict): sd = sd[key]
+    out = {}
+    for k, v in sd.items():
+        while k.split(".", 1)[0] in ("module", "encoder", "model", "backbone") and "." in k: k = k.split(".", 1)[1]
+        if isinstance(v, torch.Tensor) and not k.startswith(TIMM_IGNORED): out[k] = v
+    w, pos = out.get("patch_embed.proj.weight"), out.get("pos_embed")
+    if w is None or w.ndim != 4 or pos is None:
+        raise UserError(f"{path}: not a us_jepa checkpoint ('kind', 'config', 'model') nor a timm ViT state dict "
+                        "(patch_embed.proj.weight, pos_embed)")
+    dim, p = w.shape[0], w.shape[-1]
+    name = next((n for n, (width, _) in ENCODERS.items() if width == dim), None)
+    if name is None: raise UserError(f"{path}: width {dim} is not one of {[v[0] for v in ENCODERS.values()]}")
+    out["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
+    n = pos.shape[1]
+    g0 = math.isqrt(n - 1) if math.isqrt(n) ** 2 != n else math.isqrt(n)
+    if g0 * g0 not in (n, n - 1): raise UserError(f"{path}: pos_embed holds {n} positions, not a square grid (+ CLS)")
+    grid = img_size // p
+    pos = pos[:, n - g0 * g0:].reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # without CLS: (1, D, g0, g0)
+    out["pos_embed"] = F.interpolate(pos.float(), (grid, grid), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    depth = 1 + max((int(k.split(".")[1]) for k in out if k.startswith("blocks.")), default=-1)
+    config = {"data": {"img_size": img_size}, "model": {"model": name, "depth": depth, "patch_size": p}}
+    want = set(ViT(img_size, p, name, depth).state_dict()) | {"pos_embed"}
+    missing, unexpected = sorted(want - set(out)), sorted(set(out) - want)
+    if missing or unexpected:
+        raise UserError(f"{path}: does not match a timm ViT: {len(missing)} missing keys {missing[:3]}, "
+                        f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    print(f"[pretrain] external teacher {path}: {name}, depth {depth}, patch {p}, {w.shape[1]}-channel patch "
+          f"embedding summed to 1, positions {g0}x{g0} -> {grid}x{grid}")
+    return build_encoder(config, out, path), {"config": config}
+
+
+class AttentiveProbe(nn.Module):
+    """V-JEPA's attentive probe: one learnt query cross-attends to the frozen patch tokens, then a linear layer.
+    Mean pooling can wash out cues that are contrasts between regions; attention can weigh the regions."""
+    def __init__(self, dim, n_classes, heads=4):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm1, self.attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, tokens):  # (B, N, D) -> (B, n_classes)
+        kv = self.norm1(tokens)
+        x = self.query.expand(len(tokens), -1, -1) + self.attn(self.query.expand(len(tokens), -1, -1), kv, kv)[0]
+        return self.head((x + self.mlp(self.norm2(x)))[:, 0])
+
+
+def mean_std(v): return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def stratified(labels, percent, seed):
+    """Indices of `percent` % of each class (at least one image per class), drawn with the seed. (few-shot)"""
+    g = np.random.default_rng([seed, round(percent * 1000)])
+    return np.sort(np.concatenate([g.permutation(np.flatnonzero(labels == c))[:max(1, round(percent / 100 * n))]
+                                   for c, n in zip(*np.unique(labels, return_counts=True))]))
+
+
+def corrupt(imgs, fans, kind, eps, seed=0):
+    """The paper's test-time corruptions (method notes 7) of (N, 1, S, S) images in [0, 1], severity eps."""
+    r = int(2 * eps)  # Gaussian kernel 2*floor(2 eps) + 1 taps, sigma = eps
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / eps) ** 2)
+    k = k / k.sum()
+    smooth = lambda x: F.conv2d(F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1)),  # noqa
+                                k.view(1, 1, -1, 1))
+    if kind == "blur":
+        x = smooth(imgs)
+    elif kind == "contrast":  # toward the median inside the fan: alpha 0.7, 0.5, 0.3
+        m = torch.stack([x[f].median() if f.any() else x.median() for x, f in zip(imgs, fans)]).view(-1, 1, 1, 1)
+        x = m + (0.9 - 0.2 * eps) * (imgs - m)
+    else:  # correlated multiplicative speckle: eta ~ N(0, (0.35 eps)^2) smoothed by the same Gaussian (ours)
+        eta = torch.randn(imgs.shape, generator=torch.Generator().manual_seed(seed)) * 0.35 * eps
+        x = imgs * (1 + smooth(eta))
+    return x.clamp(0, 1) * fans
+
+
+def plot_curves(path, xs, series, title):
+    """A small line chart with pillow (x on a log axis): the few-shot curve, macro-F1 per % of training data."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 560, 360, 56, 110, 28, 36  # size and margins in pixels
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    lx = np.log10(xs)
+    ys = [v for s in series.values() for v in s]
+    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
+    px = lambda x: L + (W - L - R) * ((np.log10(x) - lx.min()) / max(np.ptp(lx), 1e-9))  # noqa: E731
+    py = lambda y: H - B - (H - T - B) * (y - y0) / (y1 - y0)  # noqa: E731
+    d.rectangle([L, T, W - R, H - B], outline="black")
+    for x in xs: d.text((px(x) - 8, H - B + 6), f"{x:g}%", fill="black")
+    for y in np.linspace(y0, y1, 5): d.text((6, py(y) - 6), f"{y:.2f}", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)]
+    for i, (name, s) in enumerate(series.items()):
+        pts = [(px(x), py(y)) for x, y in zip(xs, s)]
+        d.line(pts, fill=colours[i % 5], width=2)
+        for q in pts: d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill=colours[i % 5])
+        d.text((W - R + 10, T + 16 * i), name, fill=colours[i % 5])
+    d.text((L, 8), title, fill="black")
+    im.save(path)
+
 
 def run_show(s):
+    """`show`: PNGs of the masks on a few built-in images and of the student's patch features (3 PCA colours)."""
     from PIL import Image
     ck = load_checkpoint(s.ckpt)
     vit = build_encoder(ck["config"], ck["model"], s.ckpt).eval()
