@@ -144,12 +144,11 @@ def _parse_value(text, default):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of argparse's usage block
-        words = [w for w in message.split() if w.startswith("--")]
+    def error(self, message):  # one clear line instead of argparse's usage block, with a spelling hint
         known = [o for a in self._actions for o in a.option_strings]
-        unknown = [w.split("=")[0] for w in words if w.split("=")[0] not in known]
-        hint = difflib.get_close_matches(unknown[0], known, 1) if unknown else []
-        raise UserError(f"{message}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+        hint = [h for w in message.split() if w.startswith("--") and w.split("=")[0] not in known
+                for h in difflib.get_close_matches(w.split("=")[0], known, 1)]
+        raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else ""))
 
 
 def parse_config(command, argv):
@@ -354,31 +353,20 @@ def fan_mask(a):
     paper; as UltraBench: threshold, keep the largest connected component (4-neighbours), fill its convex hull."""
     small = torch.from_numpy(a)[None, None]
     s = max(1, max(a.shape) // 64)  # label components on a <= 64 px grid: cheap and enough for a fan outline
-    m = (F.max_pool2d(small, s, s, ceil_mode=True)[0, 0] > 0.02).numpy()  # (h, w) bool
-    lab = np.where(m, np.arange(m.size).reshape(m.shape) + 1, 0)
+    m = np.pad((F.max_pool2d(small, s, s, ceil_mode=True)[0, 0] > 0.02).numpy(), 1)  # (h+2, w+2) bool
+    lab = np.where(m, np.arange(m.size).reshape(m.shape) + 1, 0)  # the zero border stops np.roll wrapping around
     for _ in range(m.size):  # min-label propagation over 4-neighbours until stable = connected components
         nb = np.stack([lab, np.roll(lab, 1, 0), np.roll(lab, -1, 0), np.roll(lab, 1, 1), np.roll(lab, -1, 1)])
         new = np.where(m, np.where(nb > 0, nb, m.size + 1).min(0), 0)
         if (new == lab).all(): break
         lab = new
     if not m.any(): return np.ones_like(a, dtype=bool)
-    m = lab == np.bincount(lab[m]).argmax()
-    rows = np.flatnonzero(m.any(1))  # the hull of the component = the hull of each row's two end pixels
-    pts = [(r, c) for r in rows for c in (m[r].argmax(), m.shape[1] - 1 - m[r][::-1].argmax())]
-    hull = []  # Andrew's monotone chain over the points in (row, col) order: lower then upper chain
-    for chain in (pts, pts[::-1]):
-        start = len(hull)
-        for p in chain:
-            while len(hull) - start >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1]) -
-                                              (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
-                hull.pop()
-            hull.append(p)
-        hull.pop()
-    if len(hull) >= 3:  # a pixel is inside if it lies on the inner side of every hull edge
-        e0 = np.array(hull, float)
-        d, (r, c) = np.roll(e0, -1, 0) - e0, np.indices(m.shape)
-        cross = d[:, 0, None, None] * (c - e0[:, 1, None, None]) - d[:, 1, None, None] * (r - e0[:, 0, None, None])
-        m = (cross >= -1e-9).all(0) | (cross <= 1e-9).all(0)
+    m = (lab == np.bincount(lab[m]).argmax())[1:-1, 1:-1]
+    # Convex hull = intersection of the half-planes u.x <= max over the component of u.x, one per direction u;
+    # 180 directions (1 degree apart) overshoot the exact hull by < 1e-4 of its size (well under a pixel).
+    ang = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    u, rc = np.stack([np.cos(ang), np.sin(ang)]), np.indices(m.shape).reshape(2, -1).T  # (2, 180), (h*w, 2)
+    m = (rc @ u <= (rc[m.ravel()] @ u).max(0) + 1e-6).all(1).reshape(m.shape)
     return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
 
 
@@ -510,6 +498,11 @@ def sample_masks(rng, batch, grid, k, valid=None):
     if any(len(m) != n_t for ts in tgt for m in ts):
         tgt = [[np.sort(rng.choice(m, n_t, replace=False)) for m in ts] for ts in tgt]
     return torch.from_numpy(np.stack(ctx)), torch.from_numpy(np.stack(tgt, 1))  # (B, Kc), (M, B, Kt)
+
+
+def fan_patches(fan, p):
+    """USrc: a patch is valid if it holds at least one fan pixel. fan (B, 1, S, S) -> numpy bool (B, S/p, S/p)."""
+    return (F.max_pool2d(fan.float(), p)[:, 0] > 0).numpy()
 
 
 def apply_masks(x, idx):
@@ -769,6 +762,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if n_train < t.batch_size: raise UserError(f"{n_train} training images < --batch_size {t.batch_size}")
     steps = t.steps if t.epochs <= 0 else math.ceil(t.epochs * n_train / t.batch_size)
     os.makedirs(t.out, exist_ok=True)
+    valid = lambda fan: fan_patches(fan, m.patch_size) if k.usrc else None  # noqa: E731  USrc: blocks stay in the fan
 
     def loss_fn(img, ctx, tgt):  # -> loss, student/encoder context tokens
         z = encoder(img, ctx)  # (B, Kc, D)
@@ -800,16 +794,13 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
           f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train / "
           f"{n_hold} held-out images; {steps} steps of {t.batch_size}")
 
-    def fan_patches(fan):  # USrc: a patch is valid if it holds >= 1 fan pixel. (B, 1, S, S) -> (B, grid, grid)
-        return (F.max_pool2d(fan.float(), m.patch_size)[:, 0] > 0).numpy() if k.usrc else None
-
     def evaluate():  # held-out loss with fixed masks and no augmentation: comparable across the run
         encoder.eval(); head.eval()
         rng, losses = np.random.default_rng([t.seed, 10**9]), []
         with torch.no_grad():
             for i in range(n_train, len(pool), t.batch_size):
                 img = pool[i:i + t.batch_size].float() / 255
-                ctx, tgt = sample_masks(rng, len(img), encoder.grid, k, fan_patches(fans[i:i + t.batch_size]))
+                ctx, tgt = sample_masks(rng, len(img), encoder.grid, k, valid(fans[i:i + t.batch_size]))
                 losses.append(loss_fn(img, ctx, tgt)[0].item() * len(img))
         encoder.train(); head.train()
         return sum(losses) / n_hold
@@ -825,7 +816,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         if d.augment:
             img, fan = augment(img, fan, torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
         rng = np.random.default_rng([t.seed, step])
-        ctx, tgt = sample_masks(rng, t.batch_size, encoder.grid, k, fan_patches(fan))  # (B, Kc), (M, B, Kt)
+        ctx, tgt = sample_masks(rng, t.batch_size, encoder.grid, k, valid(fan))  # (B, Kc), (M, B, Kt)
         loss, z = loss_fn(img, ctx, tgt)
         if not torch.isfinite(loss):
             raise UserError(f"loss is {loss.item()} at step {step}: stopping; {last} holds the last good state")
@@ -833,9 +824,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         loss.backward()
         if t.clip > 0: torch.nn.utils.clip_grad_norm_(params, t.clip)
         opt.step()
-        if ema:  # momentum 0.996 -> 1.0 linearly over training (I-JEPA)
+        if ema:  # target <- momentum * target + (1 - momentum) * student, momentum 0.996 -> 1.0 linearly (I-JEPA)
             with torch.no_grad():
-                torch._foreach_lerp_(list(teacher.parameters()), list(encoder.parameters()), 0.004 * (1 - step / steps))
+                for pt, ps in zip(teacher.parameters(), encoder.parameters()): pt.lerp_(ps, 0.004 * (1 - step / steps))
         busy, seen = busy + time.time() - tic, seen + t.batch_size
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             std = z.detach().mean(1).std(0).mean().item()  # across images: near 0 would mean collapse
@@ -1140,26 +1131,22 @@ def corrupt(imgs, fans, kind, eps, seed=0):
 
 
 def plot_curves(path, xs, series, title):
-    """A small line chart with pillow (x on a log axis): the few-shot curve, macro-F1 per % of training data."""
+    """A line chart drawn with pillow, x on a log axis: the few-shot curve (macro-F1 per % of the training split)."""
     from PIL import Image, ImageDraw
-    W, H, L, R, T, B = 560, 360, 56, 110, 28, 36  # size and margins in pixels
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    lx = np.log10(xs)
-    ys = [v for s in series.values() for v in s]
-    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
-    px = lambda x: L + (W - L - R) * ((np.log10(x) - lx.min()) / max(np.ptp(lx), 1e-9))  # noqa: E731
-    py = lambda y: H - B - (H - T - B) * (y - y0) / (y1 - y0)  # noqa: E731
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for x in xs: d.text((px(x) - 8, H - B + 6), f"{x:g}%", fill="black")
+    im = Image.new("RGB", (560, 360), "white")  # plot box: x 56..450, y 28..324; legend on the right
+    d, lx, ys = ImageDraw.Draw(im), np.log10(xs), np.array(list(series.values()))
+    y0, y1 = ys.min() - 0.02, ys.max() + 0.02
+    px = lambda x: 56 + 394 * (np.log10(x) - lx.min()) / max(np.ptp(lx), 1e-9)  # noqa: E731
+    py = lambda y: 324 - 296 * (y - y0) / (y1 - y0)  # noqa: E731
+    d.rectangle([56, 28, 450, 324], outline="black")
+    d.text((56, 8), title, fill="black")
+    for x in xs: d.text((px(x) - 8, 330), f"{x:g}%", fill="black")
     for y in np.linspace(y0, y1, 5): d.text((6, py(y) - 6), f"{y:.2f}", fill="black")
-    colours = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)]
     for i, (name, s) in enumerate(series.items()):
-        pts = [(px(x), py(y)) for x, y in zip(xs, s)]
-        d.line(pts, fill=colours[i % 5], width=2)
-        for q in pts: d.ellipse([q[0] - 3, q[1] - 3, q[0] + 3, q[1] + 3], fill=colours[i % 5])
-        d.text((W - R + 10, T + 16 * i), name, fill=colours[i % 5])
-    d.text((L, 8), title, fill="black")
+        c = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)][i % 5]
+        d.line([(px(x), py(y)) for x, y in zip(xs, s)], fill=c, width=2)
+        for x, y in zip(xs, s): d.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=c)
+        d.text((460, 28 + 16 * i), name, fill=c)
     im.save(path)
 
 
@@ -1170,7 +1157,7 @@ def run_show(s):
     vit = build_encoder(ck["config"], ck["model"], s.ckpt).eval()
     S, p, g, n = vit.grid * vit.patch_size, vit.patch_size, vit.grid, s.n_images
     imgs, fans, _ = synth_batch(range(n), S, 2, "lesion")  # (n, 1, S, S) each
-    valid = (F.max_pool2d(fans.float(), p)[:, 0] > 0).numpy()  # (n, g, g) patches inside the fan
+    valid = fan_patches(fans, p)  # (n, g, g) patches inside the fan
     k = dataclasses.replace(MaskConfig(**ck["config"].get("mask", {})), usrc=s.usrc)
     ctx, tgt = sample_masks(np.random.default_rng(s.seed), n, g, k, valid if s.usrc else None)
     colours = np.array([(60, 130, 255), (230, 60, 60), (250, 170, 40), (60, 190, 90), (180, 80, 220)], float)

@@ -39,6 +39,10 @@ def test_fan_mask_is_the_convex_hull_of_the_largest_component():
     m = U.fan_mask(a)
     assert m[30, 30] and m[50, 50] and not m[20, 50]  # inside the hull (the L's corner side), outside it
     assert not m[3, 55]
+    a = np.zeros((64, 64), np.float32)
+    a[40:, 10:50], a[:3, 20:30] = 0.8, 0.9  # a fan reaching the bottom edge, text touching the top edge
+    m = U.fan_mask(a)
+    assert m[50, 30] and not m[1, 25] and not m[20, 30]  # opposite edges are not neighbours
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16"])
