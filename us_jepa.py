@@ -773,10 +773,10 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         return loss_salt(pred, feats, tgt, t.loss, t.beta), z
 
     mu, sd = 0.0, 1.0
-    if teacher is not None and t.teacher_std and not ema:  # fixed per-channel statistics of the frozen teacher (ours): without
-        with torch.no_grad():  # them ~70 % of the layer-normed target is one constant vector (measured), learnt
+    if teacher is not None and t.teacher_std and not ema:  # fixed per-channel statistics of the frozen teacher
+        with torch.no_grad():  # (ours): without them ~70 % of the layer-normed target is one constant vector
             f = torch.cat([teacher(pool[i:i + 256].float() / 255) for i in range(0, min(1024, n_train), 256)])
-        mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # in 100 steps, after which the probe stayed at chance
+        mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # (measured), learnt in 100 steps; the probe stayed at chance
     params = [p for mod in (encoder, head) for p in mod.parameters()]  # no decay on biases and norms (1-D):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},  # I-JEPA
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
@@ -909,8 +909,8 @@ def encode(vit, imgs, batch=256, layers=1, tokens=False):
     """Frozen features: mean of the last layer's patch tokens (N, 1, S, S) -> (N, D) (paper); or of the last
     `layers` layers side by side (N, layers*D); tokens=True keeps every token for the attentive probe."""
     vit.eval()
-    return torch.cat([vit(imgs[i:i + batch], layers=layers).mean(1) if not tokens else vit(imgs[i:i + batch],
-                      layers=layers) for i in range(0, len(imgs), batch)])
+    out = (vit(imgs[i:i + batch], layers=layers) for i in range(0, len(imgs), batch))  # (b, N, layers*D) each
+    return torch.cat([o if tokens else o.mean(1) for o in out])
 
 
 def pixel_features(imgs, fans):
@@ -988,7 +988,7 @@ def run_probe(p):
     except ValueError:
         raise UserError(f"--fractions {p.fractions!r} / --severity {p.severity!r}: comma-separated numbers") from None
     kinds = [c for c in p.corrupt.split(",") if c]
-    if not all(0 < f <= 100 for f in fracs) or not all(e > 0 for e in sev) or set(kinds) - {"blur", "contrast", "speckle"}:
+    if not all(0 < f <= 100 for f in fracs) or not all(e > 0 for e in sev) or set(kinds) - set(CORRUPTIONS):
         raise UserError("--fractions in (0, 100], --severity > 0, --corrupt from blur,contrast,speckle")
     data, classes = probe_data(p, size)
     print(f"[probe] {p.data or p.task}: {', '.join(f'{s} {len(v[2])}' for s, v in data.items())} images; "
@@ -1011,14 +1011,14 @@ def run_probe(p):
             feats = {s: encode(vit, v[0], layers=p.layers, tokens=p.head == "attentive")  # computed once,
                      for s, v in data.items()}  # shared by all seeds
         runs = [fit_probe(feats, labels, len(classes), seed, p) for seed in range(p.seeds)]
+        few_shot = {f"{f:g}": mean_std([fit_probe(feats, labels, len(classes), seed, p, stratified(
+            labels["train"].numpy(), f, seed))["macro_f1"] for seed in range(p.seeds)]) for f in fracs}
         f1 = torch.tensor([r["macro_f1"] for r in runs])
         results[name] = dict(macro_f1_mean=f1.mean().item(), macro_f1_std=f1.std().item() if len(runs) > 1 else 0.0,
                              accuracy_mean=float(np.mean([r["accuracy"] for r in runs])),
                              per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
                              corrupted={k: mean_std([r["corrupted"][k] for r in runs]) for k in runs[0]["corrupted"]},
-                             few_shot={f"{f:g}": mean_std([fit_probe(feats, labels, len(classes), seed, p, stratified(
-                                 labels["train"].numpy(), f, seed))["macro_f1"] for seed in range(p.seeds)])
-                                 for f in fracs}, seconds=round(time.time() - tic, 1))
+                             few_shot=few_shot, seconds=round(time.time() - tic, 1))
     print(f"\n{'encoder':<9} {'macro-F1 (' + str(p.seeds) + ' seeds)':<22} {'accuracy':<9} per-class F1")
     for name, r in results.items():
         pc = "  ".join(f"{c} {v:.3f}" for c, v in zip(classes, r["per_class_f1_mean"]))
@@ -1027,11 +1027,13 @@ def run_probe(p):
                        ("corrupted", "robustness macro-F1 (probe trained clean; corruption/severity)")):
         cols = list(results[names[0]][key])
         if not cols: continue
-        print(f"\n{title}\n{'encoder':<9} " + " ".join(f"{c:>13}" for c in (["clean"] if key == "corrupted" else []) + cols))
+        clean = key == "corrupted"  # the robustness table starts with the clean score
+        print(f"\n{title}\n{'encoder':<9} " + " ".join(f"{c:>13}" for c in ["clean"] * clean + cols))
         for name, r in results.items():
-            clean = [f"{r['macro_f1_mean']:.3f}±{r['macro_f1_std']:.3f}"] if key == "corrupted" else []
-            print(f"{name:<9} " + " ".join(f"{v:>13}" for v in clean + [f"{m:.3f}±{s:.3f}" for m, s in r[key].values()]))
-    out = unique_path(p.out or os.path.join(os.path.dirname(p.ckpt) or ".", f"probe_{p.task if not p.data else 'data'}.json"))
+            cells = [(r["macro_f1_mean"], r["macro_f1_std"])] * clean + list(r[key].values())
+            print(f"{name:<9} " + " ".join(f"{f'{m:.3f}±{s:.3f}':>13}" for m, s in cells))
+    default = os.path.join(os.path.dirname(p.ckpt) or ".", f"probe_{p.task if not p.data else 'data'}.json")
+    out = unique_path(p.out or default)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
@@ -1073,7 +1075,8 @@ def external_teacher(sd, path, img_size):
     if g0 * g0 not in (n, n - 1): raise UserError(f"{path}: pos_embed holds {n} positions, not a square grid (+ CLS)")
     grid = img_size // p
     pos = pos[:, n - g0 * g0:].reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # without CLS: (1, D, g0, g0)
-    out["pos_embed"] = F.interpolate(pos.float(), (grid, grid), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    pos = F.interpolate(pos.float(), (grid, grid), mode="bicubic", align_corners=False)  # (1, D, grid, grid)
+    out["pos_embed"] = pos.flatten(2).transpose(1, 2)  # (1, N, D)
     depth = 1 + max((int(k.split(".")[1]) for k in out if k.startswith("blocks.")), default=-1)
     config = {"data": {"img_size": img_size}, "model": {"model": name, "depth": depth, "patch_size": p}}
     want = set(ViT(img_size, p, name, depth).state_dict()) | {"pos_embed"}
@@ -1110,6 +1113,9 @@ def stratified(labels, percent, seed):
     g = np.random.default_rng([seed, round(percent * 1000)])
     return np.sort(np.concatenate([g.permutation(np.flatnonzero(labels == c))[:max(1, round(percent / 100 * n))]
                                    for c, n in zip(*np.unique(labels, return_counts=True))]))
+
+
+CORRUPTIONS = ("blur", "contrast", "speckle")
 
 
 def corrupt(imgs, fans, kind, eps, seed=0):
@@ -1220,7 +1226,8 @@ def main(argv=None):
     try:
         if cmd not in commands: raise UserError(f"unknown command {cmd!r}; choose one of {', '.join(commands)}")
         cfg = parse_config(cmd, argv[1:])
-        if getattr(cfg.get("train") or cfg[cmd], "threads", 0): torch.set_num_threads((cfg.get("train") or cfg[cmd]).threads)
+        section = cfg.get("train") or cfg[cmd]
+        if getattr(section, "threads", 0): torch.set_num_threads(section.threads)
         if cmd == "probe": return run_probe(cfg["probe"])
         if cmd == "show": return run_show(cfg["show"])
         check_config(cfg)
