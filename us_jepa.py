@@ -747,8 +747,8 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     encoder = ViT(d.img_size, **asdict(m))
     ema = isinstance(teacher, str)
     if ema:  # I-JEPA: the target encoder starts as a copy of the student and follows it (momentum below)
-        teacher, teacher_ck = copy.deepcopy(encoder).requires_grad_(False), {"config": {"data": asdict(d),
-                                                                                        "model": asdict(m)}}
+        teacher = copy.deepcopy(encoder).requires_grad_(False)
+        teacher_ck = {"config": {"data": asdict(d), "model": asdict(m)}}
     out_dim = teacher.dim if kind == "student" else (m.patch_size // t.pix_pool) ** 2
     head = Predictor(encoder.grid, encoder.dim, m.pred_dim, m.pred_depth, m.pred_heads, out_dim)
     if teacher is not None and teacher.grid != encoder.grid:
@@ -772,11 +772,13 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
             feats = (teacher(img) - mu) / sd  # (B, N, Dt): the frozen teacher sees the whole image
         return loss_salt(pred, feats, tgt, t.loss, t.beta), z
 
+    # Fixed per-channel statistics of the frozen teacher (ours): without them ~70 % of the layer-normed target
+    # was one constant vector (measured); the student learnt it in 100 steps and the probe stayed at chance.
     mu, sd = 0.0, 1.0
-    if teacher is not None and t.teacher_std and not ema:  # fixed per-channel statistics of the frozen teacher
-        with torch.no_grad():  # (ours): without them ~70 % of the layer-normed target is one constant vector
+    if teacher is not None and t.teacher_std and not ema:  # (an EMA target moves: I-JEPA does not standardise)
+        with torch.no_grad():
             f = torch.cat([teacher(pool[i:i + 256].float() / 255) for i in range(0, min(1024, n_train), 256)])
-        mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # (measured), learnt in 100 steps; the probe stayed at chance
+        mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # (Dt,) each
     params = [p for mod in (encoder, head) for p in mod.parameters()]  # no decay on biases and norms (1-D):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},  # I-JEPA
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
