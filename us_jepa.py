@@ -40,6 +40,7 @@ class DataConfig:
     holdout: float = 0.05           # share of images held out to pick best.pt (paper D.1: 5 %)
     crop_scale: tuple = (0.6, 1.0)  # RandomResizedCrop area range (paper)
     augment: bool = True            # flips, blur, speckle, contrast (paper; strengths are ours)
+    max_bad: float = 0.01           # share of unreadable or too-small image files skipped (and said) before aborting
 
 @dataclass
 class ModelConfig:
@@ -82,7 +83,11 @@ class TrainConfig:
     eval_every: int = 100           # steps between held-out evaluations (best.pt) and checkpoints
     seed: int = 0                   # seeds init, data order, masks and augmentation
     threads: int = 0                # torch CPU threads, 0 = torch's default
-    resume: bool = False            # continue the run in --out from last.pt
+    workers: int = 0                # DataLoader processes building batches (images, augmentation, masks); 0 = inline
+    bf16: bool = True               # bfloat16 autocast on CUDA, the frozen teacher's forward included (CPU: float32)
+    compile: bool = False           # torch.compile the student, predictor and teacher (with the kernels/ ops inside)
+    resume: str = ""                # continue the run in --out: auto (= bare --resume) = the newest valid checkpoint
+    overwrite: bool = False         # start over in an --out that already holds a run (its checkpoints are replaced)
     kernels: str = "auto"           # masked gather + SALT loss: auto | torch (references) | cpp | triton | cuda
 
 @dataclass
@@ -160,7 +165,8 @@ def parse_config(command, argv):
     for cls in SECTIONS[command]:
         for f in fields(cls):
             default = f.default
-            flag = dict(nargs="?", const="true") if isinstance(default, bool) else {}  # --resume = --resume true
+            flag = dict(nargs="?", const="auto" if f.name == "resume" else "true")  # --augment = --augment true
+            flag = flag if isinstance(default, bool) or f.name == "resume" else {}  # --resume = --resume auto
             p.add_argument(f"--{f.name}", default=None, metavar=type(default).__name__.upper(),
                            help=f"default: {default}", **flag)
     args = p.parse_args(argv)
@@ -201,6 +207,8 @@ def check_config(cfg):
     if t.batch_size < 1 or t.steps < 1: raise UserError("--batch_size and --steps must be >= 1")
     if t.loss not in ("smooth_l1", "l1", "l2"): raise UserError("--loss: smooth_l1 | l1 | l2")
     if t.pix_pool < 1 or m.patch_size % t.pix_pool: raise UserError("--pix_pool must divide --patch_size")
+    if t.resume not in ("", "auto"): raise UserError(f"--resume {t.resume}: auto (or a bare --resume)")
+    if t.workers < 0: raise UserError("--workers must be >= 0")
     if not 0 <= d.holdout < 0.5: raise UserError("--holdout must be in [0, 0.5)")
     if d.data and not os.path.isdir(d.data): raise UserError(f"--data {d.data}: no such directory")
 
@@ -344,7 +352,7 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data (2/2): real images, preprocessing, the in-memory pool and the paper's augmentations.
+# Data (2/2): real images, preprocessing, the pretraining images by index and the paper's augmentations.
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -404,22 +412,49 @@ def find_images(root):
     return files
 
 
-def load_pool(d, seed):
-    """The pretraining images as uint8 (N, 1, S, S) plus fan masks, kept in memory (96 px: 9 KB an image)."""
-    if not d.data:  # synthetic: unlabeled images drawn from all three lesion3 classes, seeds apart from probes
-        parts = [synth_batch(range(i, min(i + 256, d.n_images)), d.img_size, 1000 + seed, "lesion3")[:2]
-                 for i in range(0, d.n_images, 256)]
-    else:
-        parts = [(a[None], f[None]) for a, f in (load_image(p, d.img_size) for p in find_images(d.data))]
-    imgs, fans = (torch.cat(z) for z in zip(*parts))  # (N, 1, S, S) each
-    return (imgs * 255).round().to(torch.uint8), fans
+def usable(files, max_bad, min_side):
+    """The files that decode to an image of at least min_side px (a patch); the others are skipped and counted, and
+    the run stops if they are more than a share max_bad: a folder of mostly broken files is a mistake, not noise."""
+    from PIL import Image
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ok(path):  # a full decode: a truncated PNG/JPEG opens fine and fails only here
+        try:
+            with Image.open(path) as im: im.load(); return min(im.size) >= min_side
+        except Exception: return False
+    with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, files))  # decoders release the GIL
+    bad = [f for f, g in zip(files, good) if not g]
+    if len(bad) > max_bad * len(files):
+        raise UserError(f"{len(bad)} of {len(files)} image files are unreadable or smaller than {min_side} px "
+                        f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
+    if bad: print(f"[data] skipping {len(bad)} of {len(files)} unreadable or too small image files, e.g. {bad[0]}")
+    return [f for f, g in zip(files, good) if g]
 
 
-def augment(x, fan, g, crop_scale):
+class Images:
+    """The pretraining images by index, made on demand: generated (synthetic: unlabeled images of all three lesion3
+    classes, seeds apart from the probes'; deterministic per index) or read from files. Nothing is held in memory,
+    so a corpus of any size works and DataLoader workers can build any batch."""
+    def __init__(self, d, seed, min_side=16):
+        self.d, self.seed, self.files = d, seed, usable(find_images(d.data), d.max_bad, min_side) if d.data else None
+
+    def __len__(self): return len(self.files) if self.files else self.d.n_images
+
+    def __getitem__(self, idx):  # indices (B,) -> imgs (B, 1, S, S) in [0, 1], 8-bit steps like a stored image; fans
+        idx, S = [int(i) for i in idx], self.d.img_size
+        if self.files is None: imgs, fans, _ = synth_batch(idx, S, 1000 + self.seed, "lesion3")
+        else: imgs, fans = (torch.stack(z) for z in zip(*(load_image(self.files[i], S) for i in idx)))
+        return (imgs * 255).round() / 255, fans
+
+
+def augment(x, fan, g, crop_scale, n=None, lo=0):
     """The paper's pretraining augmentations on a batch x (B, 1, S, S) in [0, 1]: RandomResizedCrop + flips as one
-    affine resampling, then blur, speckle and contrast. Strengths are not stated; ours are mild."""
+    affine resampling, then blur, speckle and contrast. Strengths are not stated; ours are mild. x may be rows
+    lo:lo+B of a batch of n (one rank's share): random numbers are drawn for all n, so each row is augmented the
+    same whatever the number of processes."""
     B, S = x.shape[0], x.shape[-1]
-    u = torch.rand(B, 8, generator=g)  # all random numbers for this batch, from the step's generator
+    n, rows = n or B, slice(lo, lo + B)
+    u = torch.rand(n, 8, generator=g)[rows]  # all random numbers for this batch, from the step's generator
     area = crop_scale[0] + (crop_scale[1] - crop_scale[0]) * u[:, 0]
     ratio = torch.exp((u[:, 1] - 0.5) * 2 * math.log(4 / 3))  # aspect in [3/4, 4/3] like torchvision
     w, h = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # crop side / image side
@@ -435,9 +470,10 @@ def augment(x, fan, g, crop_scale):
     k = (k / k.sum(1, keepdim=True))[:, None, None]  # (B, 1, 1, 5)
     x = F.conv2d(F.pad(x.transpose(0, 1), (2, 2, 0, 0), mode="replicate"), k, groups=B)
     x = F.conv2d(F.pad(x, (0, 0, 2, 2), mode="replicate"), k.transpose(2, 3), groups=B).transpose(0, 1)
-    x = x * (1 + 0.15 * u[:, 7, None, None, None] * torch.randn(x.shape, generator=g))  # speckle, sd <= 0.15
+    noise = torch.randn((n,) + x.shape[1:], generator=g)[rows]  # (B, 1, S, S)
+    x = x * (1 + 0.15 * u[:, 7, None, None, None] * noise)  # multiplicative speckle, sd <= 0.15
     m = (x * fan).sum((1, 2, 3), keepdim=True) / fan.sum((1, 2, 3), keepdim=True).clamp(min=1)
-    alpha = 0.7 + 0.6 * torch.rand(B, 1, 1, 1, generator=g)  # contrast around the fan mean, x0.7 .. x1.3
+    alpha = 0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)[rows]  # contrast around the fan mean, x0.7 .. x1.3
     return ((m + alpha * (x - m)).clamp(0, 1) * fan), fan
 
 
@@ -734,15 +770,81 @@ def set_kernels(name, device="cpu"):
     return ops.salt_loss if ops else salt_loss
 
 
+def setup_distributed():
+    """torchrun starts one process per device and sets RANK, LOCAL_RANK, WORLD_SIZE; DDP averages gradients
+    over them (nccl on GPUs, gloo on CPU). Without torchrun: one process. -> rank, world size, device."""
+    world, rank, local = (int(os.environ.get(v, d)) for v, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    cuda = torch.cuda.is_available()
+    if cuda and local >= torch.cuda.device_count():
+        raise UserError(f"process {local} has no GPU: {torch.cuda.device_count()} visible; lower --nproc_per_node")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda: torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+class Steps(torch.utils.data.Dataset):
+    """Item `step` = this process's share of that step's batch: images, augmentation, masks. Everything random is
+    keyed by (seed, step), never by a worker's or a process's state: any worker builds the same batch, a resumed
+    run continues the same stream, and N processes together see exactly the batch one process would."""
+    def __init__(self, images, n_train, cfg, grid, rank=0, world=1):
+        self.images, self.n_train, self.cfg, self.grid, self.rank, self.world = images, n_train, cfg, grid, rank, world
+
+    def __getitem__(self, step):
+        d, k, t, p = self.cfg["data"], self.cfg["mask"], self.cfg["train"], self.cfg["model"].patch_size
+        n = t.batch_size
+        B, lo = n // self.world, self.rank * (n // self.world)  # this process's rows lo:lo+B of the global batch
+        img, fan = self.images[batch_indices(step, n, self.n_train, t.seed)[lo:lo + B]]  # distributed sampler
+        if d.augment:
+            img, fan = augment(img, fan, torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale, n, lo)
+        own = k.usrc and self.world > 1  # USrc needs every image's fan: then each process draws its own masks
+        rng = np.random.default_rng([t.seed, step, self.rank] if own else [t.seed, step])
+        ctx, tgt = sample_masks(rng, B if own else n, self.grid, k, fan_patches(fan, p) if k.usrc else None)
+        return img, (ctx, tgt) if own else (ctx[lo:lo + B], tgt[:, lo:lo + B])  # (B, 1, S, S), (B, Kc), (M, B, Kt)
+
+
+def newest_checkpoint(out):
+    """--resume auto: the checkpoint in `out` with the latest step that loads; a corrupt one is skipped, loudly."""
+    found = []
+    for path in (os.path.join(out, "last.pt"), os.path.join(out, "best.pt")):
+        try:
+            if os.path.exists(path): found.append((load_checkpoint(path)["step"], path))
+        except UserError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+    if not found: raise UserError(f"--resume: no readable checkpoint in {out}")
+    return max(found)[1]
+
+
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s per card
+
+
+def step_flops(d, m, k, teacher, kind, B, Kc, Kt, M):
+    """Matmul FLOPs of one training step, the numerator of MFU: per block 24 d^2 per token (qkv, proj, MLP) and
+    4 T^2 d per sequence (attention), x3 for forward + backward, x1 for the frozen teacher. Embeddings and the
+    small heads are left out (< 2 % at ViT-B)."""
+    blocks = lambda dim, depth, T, seqs: seqs * depth * (24 * dim * dim * T + 4 * T * T * dim)  # noqa: E731
+    dim, N = ENCODERS[m.model][0], (d.img_size // m.patch_size) ** 2
+    f = 3 * blocks(dim, m.depth, Kc, B) + 3 * blocks(m.pred_dim, m.pred_depth, Kc + Kt, M * B)
+    return f + (blocks(teacher.dim, len(teacher.blocks), N, B) if kind == "student" else 0)
+
+
 def train(cfg, kind, teacher=None, teacher_ck=None):
     """Stage 1 (kind='teacher') or stage 2 (kind='student'). Writes last.pt, best.pt and log.jsonl to --out.
     teacher='ema': the I-JEPA baseline, targets from an EMA of the student (the ablation US-JEPA lacks)."""
     d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
+    rank, world, device = setup_distributed()
+    say = print if rank == 0 else lambda *a, **kw: None  # noqa: E731  one process speaks and writes
     last, best_path = os.path.join(t.out, "last.pt"), os.path.join(t.out, "best.pt")
-    if t.resume and not os.path.exists(last): raise UserError(f"--resume: no {last} to continue")
-    if not t.resume and (os.path.exists(last) or os.path.exists(best_path)):
-        raise UserError(f"{t.out} already holds a run: --resume continues it, --out DIR starts a new one")
-    loss_salt = set_kernels(t.kernels)
+    if t.batch_size % world: raise UserError(f"--batch_size {t.batch_size} must split evenly over {world} processes")
+    exists = os.path.exists(last) or os.path.exists(best_path)
+    if t.resume and not exists: raise UserError(f"--resume: no checkpoint in {t.out} to continue")
+    if not t.resume and exists and not t.overwrite:
+        raise UserError(f"{t.out} already holds a run: --resume continues it, --overwrite starts it over, "
+                        "--out DIR starts a new one")
+    if not t.resume and exists and rank == 0:  # --overwrite: the old run goes as a whole, never half of it
+        for f in (last, best_path, os.path.join(t.out, "log.jsonl")): os.remove(f) if os.path.exists(f) else None
+    loss_salt = set_kernels(t.kernels, device.type)
     torch.manual_seed(t.seed)
     encoder = ViT(d.img_size, **asdict(m))
     ema = isinstance(teacher, str)
@@ -754,89 +856,100 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if teacher is not None and teacher.grid != encoder.grid:
         raise UserError(f"teacher sees a {teacher.grid}x{teacher.grid} patch grid, the student "
                         f"{encoder.grid}x{encoder.grid}: use the teacher's --img_size and --patch_size")
+    encoder, head, teacher = (x.to(device) if x is not None else None for x in (encoder, head, teacher))
 
-    print(f"[{kind}] building the image pool ({'synthetic' if not d.data else d.data}) ...", flush=True)
-    pool, fans = load_pool(d, t.seed)  # uint8 (N, 1, S, S), bool (N, 1, S, S)
-    n_hold = int(len(pool) * d.holdout)
-    n_train = len(pool) - n_hold  # the last n_hold images are held out for best.pt
+    images = Images(d, t.seed, m.patch_size)
+    n_hold = int(len(images) * d.holdout)
+    n_train = len(images) - n_hold  # the last n_hold images are held out for best.pt
     if n_train < t.batch_size: raise UserError(f"{n_train} training images < --batch_size {t.batch_size}")
     steps = t.steps if t.epochs <= 0 else math.ceil(t.epochs * n_train / t.batch_size)
-    os.makedirs(t.out, exist_ok=True)
-    valid = lambda fan: fan_patches(fan, m.patch_size) if k.usrc else None  # noqa: E731  USrc: blocks stay in the fan
+    if rank == 0: os.makedirs(t.out, exist_ok=True)
+    amp = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and t.bf16)
+    mu, sd = 0.0, 1.0
 
-    def loss_fn(img, ctx, tgt):  # -> loss, student/encoder context tokens
-        z = encoder(img, ctx)  # (B, Kc, D)
-        pred = head(z, ctx, tgt)  # (M*B, Kt, out_dim)
-        if kind == "teacher": return mae_loss(pred, img, tgt, m.patch_size, t.pix_pool), z
-        with torch.no_grad():
-            feats = (teacher(img) - mu) / sd  # (B, N, Dt): the frozen teacher sees the whole image
-        return loss_salt(pred, feats, tgt, t.loss, t.beta), z
+    def loss_fn(enc, hd, tch, img, ctx, tgt):  # -> loss, student/encoder context tokens
+        with amp:
+            z = enc(img, ctx)  # (B, Kc, D)
+            pred = hd(z, ctx, tgt)  # (M*B, Kt, out_dim)
+            if kind == "teacher": return mae_loss(pred, img, tgt, m.patch_size, t.pix_pool), z
+            with torch.no_grad():
+                feats = (tch(img) - mu) / sd  # (B, N, Dt): the frozen teacher sees the whole image
+            return loss_salt(pred, feats, tgt, t.loss, t.beta), z
 
     # Fixed per-channel statistics of the frozen teacher (ours): without them ~70 % of the layer-normed target
     # was one constant vector (measured); the student learnt it in 100 steps and the probe stayed at chance.
-    mu, sd = 0.0, 1.0
     if teacher is not None and t.teacher_std and not ema:  # (an EMA target moves: I-JEPA does not standardise)
         with torch.no_grad():
-            f = torch.cat([teacher(pool[i:i + 256].float() / 255) for i in range(0, min(1024, n_train), 256)])
+            f = torch.cat([teacher(images[range(i, min(i + 256, len(images)))][0].to(device))
+                           for i in range(0, min(1024, n_train), 256)])
         mu, sd = f.mean((0, 1)), f.std((0, 1)) + 1e-6  # (Dt,) each
     params = [p for mod in (encoder, head) for p in mod.parameters()]  # no decay on biases and norms (1-D):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2]},  # I-JEPA
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=t.lr, betas=t.betas)
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=t.lr,
+                            betas=t.betas, fused=device.type == "cuda" or None)
     start, best = 0, float("inf")
     config = {"data": asdict(d), "model": asdict(m), "mask": asdict(k), "train": asdict(t)}
-    if t.resume:
-        ck = load_checkpoint(last)
-        if ck["kind"] != kind: raise UserError(f"{last} is a {ck['kind']} run, not a {kind} run")
+    if t.resume:  # the step is the whole state of the data stream and of every random draw (all keyed by it)
+        ck = load_checkpoint(path := newest_checkpoint(t.out))
+        if ck["kind"] != kind: raise UserError(f"{path} is a {ck['kind']} run, not a {kind} run")
         encoder.load_state_dict(ck["model"]); head.load_state_dict(ck["head"]); opt.load_state_dict(ck["opt"])
         if ema: teacher.load_state_dict({k: v for k, v in ck["teacher"]["model"].items() if k != "pos_embed"})
         start, best = ck["step"], ck["best"]
-        print(f"[{kind}] resuming {last} at step {start}")
-    print(f"[{kind}] config: {json.dumps(config)}")
-    print(f"[{kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
-          f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train / "
-          f"{n_hold} held-out images; {steps} steps of {t.batch_size}")
+        say(f"[{kind}] resuming {path} at step {start}")
+    say(f"[{kind}] config: {json.dumps(config)}")
+    say(f"[{kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
+        f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train / {n_hold} "
+        f"held-out images ({'synthetic' if not d.data else d.data}); {steps} steps of {t.batch_size} on {world} x "
+        f"{device.type}")
 
     def evaluate():  # held-out loss with fixed masks and no augmentation: comparable across the run
         encoder.eval(); head.eval()
-        rng, losses = np.random.default_rng([t.seed, 10**9]), []
+        rng, total = np.random.default_rng([t.seed, 10**9]), 0.0
         with torch.no_grad():
-            for i in range(n_train, len(pool), t.batch_size):
-                img = pool[i:i + t.batch_size].float() / 255
-                ctx, tgt = sample_masks(rng, len(img), encoder.grid, k, valid(fans[i:i + t.batch_size]))
-                losses.append(loss_fn(img, ctx, tgt)[0].item() * len(img))
+            for i in range(n_train, len(images), t.batch_size):
+                img, fan = images[range(i, min(i + t.batch_size, len(images)))]
+                valid = fan_patches(fan, m.patch_size) if k.usrc else None
+                ctx, tgt = (x.to(device) for x in sample_masks(rng, len(img), encoder.grid, k, valid))
+                total += loss_fn(encoder, head, teacher, img.to(device), ctx, tgt)[0].item() * len(img)
         encoder.train(); head.train()
-        return sum(losses) / n_hold
+        return total / n_hold
 
-    log = open(os.path.join(t.out, "log.jsonl"), "a")
-    t0, seen, busy = time.time(), 0, 0.0
-    for step in range(start, steps):
-        tic = time.time()
+    # The training graph: DDP around student and predictor (gradients averaged over processes), then compiled.
+    wrap = lambda x: torch.nn.parallel.DistributedDataParallel(x) if world > 1 else x  # noqa: E731
+    enc, hd, tch = wrap(encoder), wrap(head), teacher
+    if t.compile: enc, hd, tch = (torch.compile(x) if x is not None else None for x in (enc, hd, tch))
+    loader = torch.utils.data.DataLoader(Steps(images, n_train, cfg, encoder.grid, rank, world), batch_size=None,
+                                         sampler=range(start, steps), num_workers=t.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=t.workers > 0)
+    peak = next((v for n, v in PEAK_BF16.items() if device.type == "cuda" and n in torch.cuda.get_device_name()), 0)
+    log = open(os.path.join(t.out, "log.jsonl"), "a") if rank == 0 else None
+    t0, seen, busy, flops, tic = time.time(), 0, 0.0, 0.0, time.time()
+    for step, (img, (ctx, tgt)) in zip(range(start, steps), loader):
         lr, wd = schedule(step, steps, t)
         opt.param_groups[0].update(lr=lr, weight_decay=wd); opt.param_groups[1].update(lr=lr)
-        idx = batch_indices(step, t.batch_size, n_train, t.seed)
-        img, fan = pool[idx].float() / 255, fans[idx]  # (B, 1, S, S) each
-        if d.augment:
-            img, fan = augment(img, fan, torch.Generator().manual_seed(t.seed * 100_003 + step), d.crop_scale)
-        rng = np.random.default_rng([t.seed, step])
-        ctx, tgt = sample_masks(rng, t.batch_size, encoder.grid, k, valid(fan))  # (B, Kc), (M, B, Kt)
-        loss, z = loss_fn(img, ctx, tgt)
-        if not torch.isfinite(loss):
-            raise UserError(f"loss is {loss.item()} at step {step}: stopping; {last} holds the last good state")
+        img, ctx, tgt = (x.to(device, non_blocking=True) for x in (img, ctx, tgt))
+        loss, z = loss_fn(enc, hd, tch, img, ctx, tgt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if t.clip > 0: torch.nn.utils.clip_grad_norm_(params, t.clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, t.clip if t.clip > 0 else float("inf"))  # same on all ranks
+        if not torch.isfinite(norm):  # a NaN/Inf loss gives a NaN/Inf gradient: stop before the update
+            raise UserError(f"loss {loss.item():.4g}, gradient norm {norm.item():.4g} at step {step}: stopping; "
+                            f"{last} holds the last good state")
         opt.step()
         if ema:  # target <- momentum * target + (1 - momentum) * student, momentum 0.996 -> 1.0 linearly (I-JEPA)
             with torch.no_grad():
                 for pt, ps in zip(teacher.parameters(), encoder.parameters()): pt.lerp_(ps, 0.004 * (1 - step / steps))
         busy, seen = busy + time.time() - tic, seen + t.batch_size
+        if peak: flops += step_flops(d, m, k, teacher, kind, t.batch_size, ctx.shape[1], tgt.shape[2], tgt.shape[0])
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
-            std = z.detach().mean(1).std(0).mean().item()  # across images: near 0 would mean collapse
-            print(f"[{kind}] step {step + 1}/{steps} | loss {loss.item():.4f} | lr {lr:.2e} | wd {wd:.3f} | "
-                  f"{seen / busy:.0f} img/s | feat std {std:.3f}", flush=True)
-            log.write(json.dumps(dict(step=step + 1, loss=loss.item(), lr=lr, wd=wd, img_s=seen / busy,
-                                      feat_std=std)) + "\n"); log.flush()
-        if (step + 1) % t.eval_every == 0 or step + 1 == steps:
+            stats = torch.stack([loss.detach().float(), z.detach().float().mean(1).std(0).mean()])  # loss, feat std
+            if world > 1: torch.distributed.all_reduce(stats); stats /= world  # the mean over processes
+            mfu = f" | MFU {flops / busy / (peak * world):.1%}" if peak else ""  # std across images: ~0 = collapse
+            say(f"[{kind}] step {step + 1}/{steps} | loss {stats[0]:.4f} | lr {lr:.2e} | wd {wd:.3f} | "
+                f"{seen / busy:.0f} img/s{mfu} | feat std {stats[1]:.3f}", flush=True)
+            if log: log.write(json.dumps(dict(step=step + 1, loss=stats[0].item(), lr=lr, wd=wd, img_s=seen / busy,
+                                              feat_std=stats[1].item())) + "\n"); log.flush()
+        if rank == 0 and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
             held = evaluate() if n_hold else loss.item()
             log.write(json.dumps(dict(step=step + 1, heldout_loss=round(held, 5))) + "\n"); log.flush()
             is_best, best = held < best, min(best, held)
@@ -847,11 +960,13 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
                                                                            "pos_embed": teacher.pos_embed}}
             save_atomic(ck, last)
             if is_best: save_atomic(ck, best_path)
-            print(f"[{kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' if is_best else ''}", flush=True)
-    log.close()
+            say(f"[{kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' if is_best else ''}", flush=True)
+        tic = time.time()  # the next step's clock starts here: waiting for its batch counts, evaluation does not
+    if log: log.close()
+    if world > 1: torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone goes on
     rate = seen / busy if busy else float("nan")
-    print(f"[{kind}] done: {steps - start} steps in {time.time() - t0:.0f} s, {rate:.0f} img/s in training "
-          f"steps; best held-out loss {best:.4f}; wrote {best_path} and {last}")
+    say(f"[{kind}] done: {steps - start} steps in {time.time() - t0:.0f} s, {rate:.0f} img/s in training "
+        f"steps; best held-out loss {best:.4f}; wrote {best_path} and {last}")
     return rate
 
 

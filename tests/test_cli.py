@@ -75,7 +75,7 @@ def test_bad_data_dirs(tmp_path, capsys):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     fails(["teacher", "--data", str(tmp_path / "corrupt"), "--out", str(tmp_path / "o2")], capsys,
-          "cannot read image")
+          "1 of 1 image files are unreadable or smaller than 16 px")
     (tmp_path / "onecls" / "train" / "a").mkdir(parents=True)
     fails(["probe", "--encoder", "pixels", "--data", str(tmp_path / "onecls")], capsys, "need at least 2 class")
 
