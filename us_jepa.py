@@ -924,6 +924,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     peak = next((v for n, v in PEAK_BF16.items() if device.type == "cuda" and n in torch.cuda.get_device_name()), 0)
     log = open(os.path.join(t.out, "log.jsonl"), "a") if rank == 0 else None
     t0, seen, busy, flops, tic = time.time(), 0, 0.0, 0.0, time.time()
+    window = (0, 0.0, 0.0)  # seen, busy, flops at the last log line: its speed is over the steps since then
     for step, (img, (ctx, tgt)) in zip(range(start, steps), loader):
         lr, wd = schedule(step, steps, t)
         opt.param_groups[0].update(lr=lr, weight_decay=wd); opt.param_groups[1].update(lr=lr)
@@ -944,10 +945,11 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             stats = torch.stack([loss.detach().float(), z.detach().float().mean(1).std(0).mean()])  # loss, feat std
             if world > 1: torch.distributed.all_reduce(stats); stats /= world  # the mean over processes
-            mfu = f" | MFU {flops / busy / (peak * world):.1%}" if peak else ""  # std across images: ~0 = collapse
+            (n, b, f), window = (seen - window[0], busy - window[1], flops - window[2]), (seen, busy, flops)
+            mfu = f" | MFU {f / b / (peak * world):.1%}" if peak else ""  # feat std across images: ~0 = collapse
             say(f"[{kind}] step {step + 1}/{steps} | loss {stats[0]:.4f} | lr {lr:.2e} | wd {wd:.3f} | "
-                f"{seen / busy:.0f} img/s{mfu} | feat std {stats[1]:.3f}", flush=True)
-            if log: log.write(json.dumps(dict(step=step + 1, loss=stats[0].item(), lr=lr, wd=wd, img_s=seen / busy,
+                f"{n / b:.0f} img/s{mfu} | feat std {stats[1]:.3f}", flush=True)
+            if log: log.write(json.dumps(dict(step=step + 1, loss=stats[0].item(), lr=lr, wd=wd, img_s=n / b,
                                               feat_std=stats[1].item())) + "\n"); log.flush()
         if rank == 0 and ((step + 1) % t.eval_every == 0 or step + 1 == steps):
             held = evaluate() if n_hold else loss.item()
@@ -965,8 +967,9 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if log: log.close()
     if world > 1: torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone goes on
     rate = seen / busy if busy else float("nan")
+    mem = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
     say(f"[{kind}] done: {steps - start} steps in {time.time() - t0:.0f} s, {rate:.0f} img/s in training "
-        f"steps; best held-out loss {best:.4f}; wrote {best_path} and {last}")
+        f"steps{mem}; best held-out loss {best:.4f}; wrote {best_path} and {last}")
     return rate
 
 

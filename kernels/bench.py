@@ -106,31 +106,40 @@ def bench_ops(device, dtypes, sizes, fused, reps, rows):
                 rows.append(("salt_loss", size, str(dtype)[6:], name, ms, nbytes / ms / 1e6, peak_mb(fn, device)))
 
 
-def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps):
-    """One SALT pretrain step. name = 'torch' (references) or a kernels backend."""
+def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, compiled=False):
+    """One SALT pretrain step. name = 'torch' (references) or a kernels backend; compiled: torch.compile the
+    student, predictor and teacher (the custom ops stay inside the graph). -> images/s, peak MB, MFU (CUDA)."""
     loss_fn = U.set_kernels(name, device)
     torch.manual_seed(0)
     enc = U.ViT(img_size, 16, model, depth=depth).to(device)
     teacher = U.ViT(img_size, 16, model, depth=depth).to(device).eval().requires_grad_(False)
     head = U.Predictor(enc.grid, enc.dim, pred[1], pred[0], pred[1] // 32, enc.dim).to(device)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-4)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-4, fused=device == "cuda" or None)
     mask_cfg = U.MaskConfig(tgt_scale=(0.075, 0.125), min_keep=10) if enc.grid >= 14 else U.MaskConfig()
     rng = np.random.default_rng(0)
     masks = [U.sample_masks(rng, batch, enc.grid, mask_cfg) for _ in range(4)]
     img = torch.rand(batch, 1, img_size, img_size, device=device)
     it = [0]
+    run_enc, run_head, run_teacher = (torch.compile(m) if compiled else m for m in (enc, head, teacher))
 
     def step():
         ctx, tgt = (m.to(device) for m in masks[it[0] % 4]); it[0] += 1
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            with torch.no_grad(): feats = teacher(img)
-            loss = loss_fn(head(enc(img, ctx), ctx, tgt), feats, tgt)
+            with torch.no_grad(): feats = run_teacher(img)
+            loss = loss_fn(run_head(run_enc(img, ctx), ctx, tgt), feats, tgt)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 
+    for _ in range(3 if compiled else 0): step()  # compile outside the clock (timeit warms up once more)
     ms = timeit(step, device, reps)
     mb = peak_mb(step, device)
     U.set_kernels("torch", device)
-    return batch / ms * 1e3, mb
+    ctx, tgt = masks[0]
+    cfg = U.parse_config("pretrain", ["--model", model, "--img_size", str(img_size), "--depth", str(depth),
+                                      "--pred_depth", str(pred[0]), "--pred_dim", str(pred[1])])
+    flops = U.step_flops(cfg["data"], cfg["model"], cfg["mask"], teacher, "student", batch, ctx.shape[1],
+                         tgt.shape[2], tgt.shape[0])
+    peak = next((v for n, v in U.PEAK_BF16.items() if device == "cuda" and n in torch.cuda.get_device_name()), 0)
+    return batch / ms * 1e3, mb, flops / (ms / 1e3) / peak if peak else float("nan")
 
 
 def main():
@@ -158,16 +167,21 @@ def main():
         print(f"{op:11} {size:6} {dt:9} {name:14} {ms:8.3f} {gbs:8.1f} {100 * gbs / bw:6.1f}% {fmt_mb(mb)}")
     if a.no_step: return
     print()
+    # The issue's ladder on a GPU (ViT-B/16, 224 px, batch 128): eager fp32, bf16, bf16 + compile, bf16 + compile +
+    # fused ops; MFU against the card's dense bf16 peak (U.PEAK_BF16), also for the fp32 row. On CPU: the demo.
+    bf16, fp32 = torch.bfloat16, torch.float32
+    ops = ["torch"] + [b for b in fused if b != "triton" or dev == "cuda"]
     if dev == "cuda":
-        cfgs = [("vit_base", 224, 12, 128, (12, 384), dt) for dt in (torch.float32, torch.bfloat16)]
+        cfgs = [("vit_base", 224, 12, 128, (12, 384), dt, c, o) for dt, c, o in
+                [(fp32, False, "torch"), (bf16, False, "torch"), (bf16, True, "torch")] + [(bf16, True, o) for o in ops[1:]]
+                + [(bf16, False, o) for o in ops[1:]]]
     else:
-        cfgs = [("vit_tiny", 96, 6, 64, (4, 96), torch.float32)]
-    print(f"{'pretrain step':34} {'ops':8} {'img/s':>8} {'peak MB':>8}")
-    for model, size, depth, batch, pred, dt in cfgs:
-        for name in ["torch"] + [b for b in fused if b != "triton" or dev == "cuda"]:
-            ips, mb = bench_step(dev, name, model, size, depth, batch, pred, dt, max(5, reps // 4))
-            label = f"{model} {size}px d{depth} b{batch} {str(dt)[6:]}"
-            print(f"{label:34} {name:8} {ips:8.1f} {fmt_mb(mb)}")
+        cfgs = [("vit_tiny", 96, 6, 64, (4, 96), fp32, False, o) for o in ops]
+    print(f"{'pretrain step':34} {'compile':8} {'ops':8} {'img/s':>8} {'peak MB':>8} {'MFU':>6}")
+    for model, size, depth, batch, pred, dt, c, name in cfgs:
+        ips, mb, mfu = bench_step(dev, name, model, size, depth, batch, pred, dt, max(5, reps // 4), c)
+        label = f"{model} {size}px d{depth} b{batch} {str(dt)[6:]}"
+        print(f"{label:34} {str(c):8} {name:8} {ips:8.1f} {fmt_mb(mb)} {mfu:6.1%}")
 
 
 if __name__ == "__main__":
