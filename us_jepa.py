@@ -130,7 +130,7 @@ DEFAULTS = {"teacher": dict(out="runs/teacher", steps=250, pred_depth=2, pred_di
                             final_lr=1e-3, wd=(0.05, 0.05))}
 PAPER = dict(img_size=224, model="vit_base", depth=12, pred_depth=12, pred_dim=384, pred_heads=12,
              tgt_scale=(0.075, 0.125), min_keep=10, batch_size=128, epochs=100.0, lr=5e-5,
-             start_lr=5e-6, final_lr=5e-7, warmup=0.1, wd=(0.04, 0.4))
+             start_lr=5e-6, final_lr=5e-7, warmup=0.1, wd=(0.04, 0.4), workers=8)  # workers: ours, for a GPU box
 PRESETS = {"demo": {}, "paper": PAPER,  # the paper's teacher was URFM; ours gets MAE's decoder 8 x 512 and LR
            "paper/teacher": dict(PAPER, pred_depth=8, pred_dim=512, pred_heads=16, lr=1.5e-4, final_lr=1.5e-4,
                                  wd=(0.05, 0.05))}
@@ -209,6 +209,7 @@ def check_config(cfg):
     if t.pix_pool < 1 or m.patch_size % t.pix_pool: raise UserError("--pix_pool must divide --patch_size")
     if t.resume not in ("", "auto"): raise UserError(f"--resume {t.resume}: auto (or a bare --resume)")
     if t.workers < 0: raise UserError("--workers must be >= 0")
+    if not 0 <= d.max_bad <= 1: raise UserError("--max_bad must be in [0, 1]")
     if not 0 <= d.holdout < 0.5: raise UserError("--holdout must be in [0, 0.5)")
     if d.data and not os.path.isdir(d.data): raise UserError(f"--data {d.data}: no such directory")
 
