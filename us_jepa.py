@@ -1324,8 +1324,8 @@ def run_pretrain(cfg):
                                     patch_size=cfg["model"].patch_size)
         # Half the student's budget: SALT finds brief teachers suffice and compute is best spent on the student.
         tcfg.update(data=cfg["data"], mask=cfg["mask"], model=model, train=dataclasses.replace(
-            tcfg["train"], out=os.path.dirname(t.teacher), seed=t.seed, threads=t.threads,
-            steps=max(1, t.steps // 2), epochs=t.epochs / 2, batch_size=t.batch_size))
+            tcfg["train"], out=os.path.dirname(t.teacher), steps=max(1, t.steps // 2), epochs=t.epochs / 2,
+            **{f: getattr(t, f) for f in ("seed", "threads", "batch_size", "workers", "bf16", "compile", "kernels")}))
         print(f"[pretrain] no teacher at {t.teacher}: training one first (SALT stage 1, "
               f"{tcfg['train'].steps} steps; `python us_jepa.py teacher` trains your own)")
         train(tcfg, "teacher")
