@@ -38,6 +38,7 @@ CASES = [
     (["pretrain", "--tgt_scale", "0.3"], "--tgt_scale: cannot read '0.3' as tuple"),
     (["pretrain", "--tgt_scale", "0.5,0.2"], "--tgt_scale 0.5,0.2: need low <= high"),
     (["pretrain", "--batch_size", "0"], "--batch_size and --steps must be >= 1"),
+    (["pretrain", "--every", "0"], "--every 0: must be >= 1"),
     (["pretrain", "--img_size", "100"], "--img_size 100 must be a multiple of --patch_size 16"),
     (["pretrain", "--model", "vit_huge"], "--model vit_huge: choose one of"),
     (["pretrain", "--loss", "huber"], "--loss: smooth_l1 | l1 | l2"),
