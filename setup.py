@@ -1,5 +1,6 @@
 """pip install -e .          installs us_jepa.py (the method), its command line and kernels/
-pip install -e ".[test]"  adds pytest, and Triton 3.7.1 for the kernel tests under the interpreter
+pip install -e ".[test]"  adds pytest, Triton 3.7.1 for the kernel tests under the interpreter, and pydicom
+pip install -e ".[dicom]" adds pydicom: `--data` then also reads .dcm files (single frames and cines)
 Install torch first (`pip install torch==2.13.0` takes the CPU wheel); an unpinned torch may pull a CUDA build.
 
 kernels/csrc (the C++/CUDA extension) is built with ninja on first use (torch.utils.cpp_extension.load), not
@@ -16,6 +17,8 @@ setup(
     python_requires=">=3.10",
     package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},
     install_requires=["torch>=2.4", "numpy", "pillow", "ninja"],
-    extras_require={"test": ["pytest", "triton==3.7.1"]},  # CUDA torch 2.13's pin; on CPU only the interpreter
+    # pydicom >= 3 reads one frame of a cine at a time (2.x decodes them all and leaves YBR unconverted); its JPEG
+    # and JPEG 2000 decoding uses Pillow. Triton: CUDA torch 2.13's pin; on CPU only the interpreter runs.
+    extras_require={"dicom": ["pydicom>=3"], "test": ["pytest", "triton==3.7.1", "pydicom>=3"]},
     entry_points={"console_scripts": ["us-jepa=us_jepa:main"]},
 )

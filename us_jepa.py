@@ -34,7 +34,8 @@ class UserError(Exception):
 
 @dataclass
 class DataConfig:
-    data: str = ""                  # folder of images (searched recursively); "" = built-in synthetic
+    data: str = ""                  # folder of images or .dcm (searched recursively); "" = built-in synthetic
+    every: int = 1                  # multi-frame DICOM cines: keep every n-th frame
     img_size: int = 96              # model input size in pixels (paper: 224)
     n_images: int = 6000            # size of the synthetic pretraining pool (ignored with --data)
     holdout: float = 0.05           # share of images held out to pick best.pt (paper D.1: 5 %)
@@ -205,6 +206,7 @@ def check_config(cfg):
     if k.min_keep < 1 or k.min_keep >= (d.img_size // m.patch_size) ** 2 or k.n_targets < 1:
         raise UserError("--min_keep must be in [1, patches per image) and --n_targets >= 1")
     if t.batch_size < 1 or t.steps < 1: raise UserError("--batch_size and --steps must be >= 1")
+    if d.every < 1: raise UserError(f"--every {d.every}: must be >= 1 (1 = every frame of a DICOM cine)")
     if t.loss not in ("smooth_l1", "l1", "l2"): raise UserError("--loss: smooth_l1 | l1 | l2")
     if t.pix_pool < 1 or m.patch_size % t.pix_pool: raise UserError("--pix_pool must divide --patch_size")
     if t.resume not in ("", "auto"): raise UserError(f"--resume {t.resume}: auto (or a bare --resume)")
@@ -355,14 +357,19 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
 # ----------------------------------------------------------------------------------------------------
 # Data (2/2): real images, preprocessing, the pretraining images by index and the paper's augmentations.
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+COLOUR = 0.1  # a pixel is burnt-in colour if max(R,G,B) - min(R,G,B) > 10 % of full scale (ours; see read_dicom)
 
-def fan_mask(a):
+def fan_mask(a, colour=None):
     """Valid-ultrasound pixels of a gray image (H, W) in [0, 1], when no mask file is given. Not stated in the
-    paper; as UltraBench: threshold, keep the largest connected component (4-neighbours), fill its convex hull."""
-    small = torch.from_numpy(a)[None, None]
+    paper; as UltraBench: threshold, keep the largest connected component (4-neighbours), fill its convex hull.
+    colour (H, W) bool: burnt-in colour pixels; grid cells holding any join no component (ours, below)."""
+    c = np.zeros_like(a) if colour is None else colour.astype(a.dtype)
     s = max(1, max(a.shape) // 64)  # label components on a <= 64 px grid: cheap and enough for a fan outline
-    m = np.pad((F.max_pool2d(small, s, s, ceil_mode=True)[0, 0] > 0.02).numpy(), 1)  # (h+2, w+2) bool
+    small = F.max_pool2d(torch.from_numpy(np.stack([a, c]))[None], s, s, ceil_mode=True)[0]  # (2, h, w)
+    # Colour cells are walls, not just dark: a thin coloured band (Philips' blue header) then keeps its white text
+    # apart from the fan. Colour Doppler inside the fan still counts as fan: it leaves holes the hull fills.
+    m = np.pad(((small[0] > 0.02) & (small[1] == 0)).numpy(), 1)  # (h+2, w+2) bool
     lab = np.where(m, np.arange(m.size).reshape(m.shape) + 1, 0)  # the zero border stops np.roll wrapping around
     for _ in range(m.size):  # min-label propagation over 4-neighbours until stable = connected components
         nb = np.stack([lab, np.roll(lab, 1, 0), np.roll(lab, -1, 0), np.roll(lab, 1, 1), np.roll(lab, -1, 1)])
@@ -379,14 +386,38 @@ def fan_mask(a):
     return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
 
 
-def load_image(path, size, mask_path=None):
-    """One file -> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)). Grayscale; 2nd-98th percentile rescale
-    inside the fan (paper); zero-pad to a square so shapes keep their aspect (ours); resize to S."""
-    from PIL import Image
+def read_dicom(path, frame=None, count=False):
+    """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no image, e.g. a report).
+    Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data)."""
+    try: import pydicom, pydicom.pixels  # optional, for .dcm only; 3.x decodes one frame of a cine, not all of it
+    except ImportError: raise UserError(f'{path}: reading DICOM needs pydicom>=3: pip install "pydicom>=3" '
+                                        '(or pip install -e ".[dicom]")') from None
+    ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
     try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
+        if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
+        else: a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
+    except Exception as e: raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
+    if count: return int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
+    if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
+    if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
+    if a.ndim == 2: return a.astype(np.float32), None  # no Modality/VOI LUT: the percentile rescale follows
+    # Burnt-in colour: text boxes, logos, colour bars, markers, Doppler. COLOUR = 10 % lies between the chroma noise of
+    # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
+    # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
+    return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
+
+
+def load_image(path, size, mask_path=None, frame=None):
+    """One file or DICOM frame -> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)). Grayscale; 2nd-98th
+    percentile rescale inside the fan (paper); zero-pad to a square so shapes keep their aspect (ours); resize to S."""
+    from PIL import Image
+    colour = None  # burnt-in colour pixels (DICOM only)
+    try:
+        if path.lower().endswith(".dcm"): a, colour = read_dicom(path, frame)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
         fan = None
         if mask_path:
             with Image.open(mask_path) as mk: fan = np.asarray(mk.convert("L")) > 0
@@ -394,7 +425,7 @@ def load_image(path, size, mask_path=None):
         raise UserError(f"cannot read image {path}: {e}") from None
     if a.ndim != 2 or min(a.shape) < 8: raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
     a = a / max(float(a.max()), 1e-6)
-    fan = fan_mask(a) if fan is None else fan
+    fan = fan_mask(a, colour) if fan is None else fan
     if fan.shape != a.shape: raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
     lo, hi = np.percentile(a[fan], [2, 98]) if fan.any() else (0.0, 1.0)
     a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * fan
@@ -406,30 +437,34 @@ def load_image(path, size, mask_path=None):
     return t[:1].clamp(0, 1) * fan, fan
 
 
-def find_images(root):
+def find_images(root, every=1):
+    """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ... for a DICOM cine."""
     files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
                    if p.lower().endswith(IMAGE_EXTS))
-    if not files: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
-    return files
+    items = [(p, i) for p in files for n in [read_dicom(p, count=True) if p.lower().endswith(".dcm") else 1]
+             for i in ([None] if n == 1 else range(0, n, every))]  # n = 0: a DICOM without pixels, skipped
+    if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
+    return items
 
 
-def usable(files, max_bad, min_side):
-    """The files that decode to an image of at least min_side px (a patch); the others are skipped and counted, and
-    the run stops if they are more than a share max_bad: a folder of mostly broken files is a mistake, not noise."""
+def usable(items, max_bad, min_side):
+    """The (path, frame) items that decode to an image of at least min_side px (a patch); the others are skipped and
+    counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise."""
     from PIL import Image
     from concurrent.futures import ThreadPoolExecutor
 
-    def ok(path):  # a full decode: a truncated PNG/JPEG opens fine and fails only here
+    def ok(item):  # a full decode: a truncated PNG/JPEG opens fine and fails only here
         try:
-            with Image.open(path) as im: im.load(); return min(im.size) >= min_side
+            if item[0].lower().endswith(".dcm"): return min(read_dicom(*item)[0].shape) >= min_side
+            with Image.open(item[0]) as im: im.load(); return min(im.size) >= min_side
         except Exception: return False
-    with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, files))  # decoders release the GIL
-    bad = [f for f, g in zip(files, good) if not g]
-    if len(bad) > max_bad * len(files):
-        raise UserError(f"{len(bad)} of {len(files)} image files are unreadable or smaller than {min_side} px "
+    with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, items))  # decoders release the GIL
+    bad = [f"{p}" + (f" frame {i}" if i is not None else "") for (p, i), g in zip(items, good) if not g]
+    if len(bad) > max_bad * len(items):
+        raise UserError(f"{len(bad)} of {len(items)} image files are unreadable or smaller than {min_side} px "
                         f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
-    if bad: print(f"[data] skipping {len(bad)} of {len(files)} unreadable or too small image files, e.g. {bad[0]}")
-    return [f for f, g in zip(files, good) if g]
+    if bad: print(f"[data] skipping {len(bad)} of {len(items)} unreadable or too small image files, e.g. {bad[0]}")
+    return [f for f, g in zip(items, good) if g]
 
 
 class Images:
@@ -437,14 +472,17 @@ class Images:
     classes, seeds apart from the probes'; deterministic per index) or read from files. Nothing is held in memory,
     so a corpus of any size works and DataLoader workers can build any batch."""
     def __init__(self, d, seed, min_side=16):
-        self.d, self.seed, self.files = d, seed, usable(find_images(d.data), d.max_bad, min_side) if d.data else None
+        self.d, self.seed = d, seed
+        self.files = usable(find_images(d.data, d.every), d.max_bad, min_side) if d.data else None  # (path, frame)
 
     def __len__(self): return len(self.files) if self.files else self.d.n_images
 
     def __getitem__(self, idx):  # indices (B,) -> imgs (B, 1, S, S) in [0, 1], 8-bit steps like a stored image; fans
         idx, S = [int(i) for i in idx], self.d.img_size
         if self.files is None: imgs, fans, _ = synth_batch(idx, S, 1000 + self.seed, "lesion3")
-        else: imgs, fans = (torch.stack(z) for z in zip(*(load_image(self.files[i], S) for i in idx)))
+        else:
+            pairs = [load_image(path, S, frame=frame) for path, frame in (self.files[i] for i in idx)]
+            imgs, fans = torch.stack([a for a, _ in pairs]), torch.stack([f for _, f in pairs])  # (B, 1, S, S) each
         return (imgs * 255).round() / 255, fans
 
 
@@ -968,7 +1006,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if log: log.close()
     if world > 1: torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone goes on
     rate = seen / busy if busy else float("nan")
-    mem = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
     say(f"[{kind}] done: {steps - start} steps in {time.time() - t0:.0f} s, {rate:.0f} img/s in training "
         f"steps{mem}; best held-out loss {best:.4f}; wrote {best_path} and {last}")
     return rate
@@ -995,7 +1033,7 @@ def probe_data(p, size):
             if not os.path.exists(os.path.join(root, name)): raise UserError(f"{root}: no {name}")
             with open(os.path.join(root, name)) as f:
                 recs[split] = [(os.path.join(root, r["image"]), int(r["label"]),
-                                r.get("scan_mask") and os.path.join(root, r["scan_mask"])) for r in json.load(f)]
+                                r.get("scan_mask") and os.path.join(root, r["scan_mask"]), None) for r in json.load(f)]
         classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
         if [int(c) for c in classes] != list(range(len(classes))):
             raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
@@ -1006,8 +1044,8 @@ def probe_data(p, size):
         if len(classes) < 2: raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
         for split in ("train", "val", "test"):
             if os.path.isdir(os.path.join(root, split)):
-                recs[split] = [(f, c, None) for c, name in enumerate(classes)
-                               for f in find_images(os.path.join(root, split, name))]
+                recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: frame of a DICOM cine
+                               for f, i in find_images(os.path.join(root, split, name))]
     if len(classes) < 2: raise UserError(f"{root}: need at least 2 classes, found {classes}")
     if "test" not in recs: raise UserError(f"{root}: no test split")
     if "val" not in recs:  # carve 10 % of train with a fixed seed (the paper does not say how it validated)
@@ -1019,7 +1057,7 @@ def probe_data(p, size):
     for split, rs in recs.items():
         if any(not os.path.exists(r[0]) for r in rs):
             raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
-        pairs = [load_image(f, size, mp) for f, _, mp in rs]
+        pairs = [load_image(f, size, mp, i) for f, _, mp, i in rs]
         out[split] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]),
                       torch.tensor([r[1] for r in rs]))
     return out, classes

@@ -46,6 +46,7 @@ CASES = [
     (["teacher", "--resume"], "--resume: no checkpoint in runs/teacher to continue"),
     (["pretrain", "--workers", "-1"], "--workers must be >= 0"),
     (["pretrain", "--max_bad", "2"], "--max_bad must be in [0, 1]"),
+    (["pretrain", "--every", "0"], "--every 0: must be >= 1"),
     (["pretrain", "--img_size", "100"], "--img_size 100 must be a multiple of --patch_size 16"),
     (["pretrain", "--model", "vit_huge"], "--model vit_huge: choose one of"),
     (["pretrain", "--loss", "huber"], "--loss: smooth_l1 | l1 | l2"),
