@@ -881,8 +881,6 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     if not t.resume and exists and not t.overwrite:
         raise UserError(f"{t.out} already holds a run: --resume continues it, --overwrite starts it over, "
                         "--out DIR starts a new one")
-    if not t.resume and exists and rank == 0:  # --overwrite: the old run goes as a whole, never half of it
-        for f in (last, best_path, os.path.join(t.out, "log.jsonl")): os.remove(f) if os.path.exists(f) else None
     loss_salt = set_kernels(t.kernels, device.type)
     torch.manual_seed(t.seed)
     encoder = ViT(d.img_size, **asdict(m))
@@ -954,6 +952,8 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         return total / n_hold
 
     # The training graph: DDP around student and predictor (gradients averaged over processes), then compiled.
+    if not t.resume and exists and rank == 0:  # --overwrite, once all checks passed: the old run goes as a whole
+        for f in (last, best_path, os.path.join(t.out, "log.jsonl")): os.remove(f) if os.path.exists(f) else None
     wrap = lambda x: torch.nn.parallel.DistributedDataParallel(x) if world > 1 else x  # noqa: E731
     enc, hd, tch = wrap(encoder), wrap(head), teacher
     if t.compile: enc, hd, tch = (torch.compile(x) if x is not None else None for x in (enc, hd, tch))

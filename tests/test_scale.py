@@ -109,6 +109,9 @@ def test_overwrite_is_explicit(tmp_path, capsys):
     with pytest.raises(SystemExit):
         U.main(["teacher", *TINY, "--steps", "2", "--eval_every", "2", "--out", str(out), "--lr", "1e-4"])
     assert "--overwrite starts it over" in capsys.readouterr().err and (out / "last.pt").read_bytes() == first
+    with pytest.raises(SystemExit):  # a run that cannot start leaves the old one as it was
+        U.main(["teacher", *TINY, "--out", str(out), "--overwrite", "--batch_size", "1000"])  # fails in train()
+    assert (out / "last.pt").read_bytes() == first
     U.main(["teacher", *TINY, "--steps", "2", "--eval_every", "2", "--out", str(out), "--lr", "1e-4", "--overwrite"])
     assert U.load_checkpoint(str(out / "last.pt"))["config"]["train"]["lr"] == 1e-4
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
