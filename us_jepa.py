@@ -166,8 +166,8 @@ def parse_config(command, argv):
     for cls in SECTIONS[command]:
         for f in fields(cls):
             default = f.default
-            flag = dict(nargs="?", const="auto" if f.name == "resume" else "true")  # --augment = --augment true
-            flag = flag if isinstance(default, bool) or f.name == "resume" else {}  # --resume = --resume auto
+            const = "auto" if f.name == "resume" else "true" if isinstance(default, bool) else None
+            flag = dict(nargs="?", const=const) if const else {}  # --augment = --augment true, --resume = --resume auto
             p.add_argument(f"--{f.name}", default=None, metavar=type(default).__name__.upper(),
                            help=f"default: {default}", **flag)
     args = p.parse_args(argv)
