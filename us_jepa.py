@@ -1398,6 +1398,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\nus_jepa.py {cmd}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
         sys.exit(130)
+    finally:  # torchrun: close the process group, or gloo's threads can abort the process at exit
+        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
