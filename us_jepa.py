@@ -844,15 +844,14 @@ class Steps(torch.utils.data.Dataset):
 
 
 def newest_checkpoint(out):
-    """--resume auto: the checkpoint in `out` with the latest step that loads; a corrupt one is skipped, loudly."""
-    found = []
+    """--resume auto: last.pt, or best.pt when last.pt does not load (a corrupt one is skipped, loudly); last.pt is
+    never older, since best.pt is written only at steps that also write last.pt. -> (path, checkpoint)"""
     for path in (os.path.join(out, "last.pt"), os.path.join(out, "best.pt")):
         try:
-            if os.path.exists(path): found.append((load_checkpoint(path)["step"], path))
+            if os.path.exists(path): return path, load_checkpoint(path)
         except UserError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
-    if not found: raise UserError(f"--resume: no readable checkpoint in {out}")
-    return max(found)[1]
+    raise UserError(f"--resume: no readable checkpoint in {out}")
 
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s per card
@@ -927,7 +926,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     start, best = 0, float("inf")
     config = {"data": asdict(d), "model": asdict(m), "mask": asdict(k), "train": asdict(t)}
     if t.resume:  # the step is the whole state of the data stream and of every random draw (all keyed by it)
-        ck = load_checkpoint(path := newest_checkpoint(t.out))
+        path, ck = newest_checkpoint(t.out)
         if ck["kind"] != kind: raise UserError(f"{path} is a {ck['kind']} run, not a {kind} run")
         encoder.load_state_dict(ck["model"]); head.load_state_dict(ck["head"]); opt.load_state_dict(ck["opt"])
         if ema: teacher.load_state_dict({k: v for k, v in ck["teacher"]["model"].items() if k != "pos_embed"})
