@@ -1,4 +1,4 @@
-"""pip install -e .          installs us_jepa.py (the method), its command line and kernels/
+"""pip install -e .          installs us_jepa.py (the method), us_data.py (its images), the command line, kernels/
 pip install -e ".[test]"  adds pytest, Triton 3.7.1 for the kernel tests under the interpreter, and pydicom
 pip install -e ".[dicom]" adds pydicom: `--data` then also reads .dcm files (single frames and cines)
 Install torch first (`pip install torch==2.13.0` takes the CPU wheel); an unpinned torch may pull a CUDA build.
@@ -12,7 +12,7 @@ setup(
     name="us-jepa",
     version="0.1.0",
     description="Reference implementation of US-JEPA: SALT-style JEPA pretraining for ultrasound with a frozen teacher",
-    py_modules=["us_jepa"],
+    py_modules=["us_jepa", "us_data"],
     packages=find_packages(include=["kernels", "kernels.*"]),
     python_requires=">=3.10",
     package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},

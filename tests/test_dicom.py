@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import us_data as D
 import us_jepa as U
 
 # pydicom.examples name -> (file, frames, photometric interpretation, manufacturer)
@@ -34,8 +35,8 @@ def us_dir(pydicom, tmp_path):
 
 def masks(path, frame=None):
     """Gray frame, its colour pixels, and its fan mask with and without the colour rule (native size)."""
-    g, c = U.read_dicom(str(path), frame)
-    return g, c, U.fan_mask(g / g.max(), c), U.fan_mask(g / g.max())
+    g, c = D.read_dicom(str(path), frame)
+    return g, c, D.fan_mask(g / g.max(), c), D.fan_mask(g / g.max())
 
 
 def test_pydicom_ships_these_ultrasound_examples(pydicom):
@@ -48,12 +49,12 @@ def test_pydicom_ships_these_ultrasound_examples(pydicom):
 def test_find_images_lists_frames_from_the_header(us_dir):
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(us_dir / "b.png")  # ordinary images mix in
     cine = str(us_dir / "echo" / "examples_ybr_color.dcm")
-    items = U.find_images(str(us_dir))
+    items = D.find_images(str(us_dir))
     assert len(items) == 30 + 3 + 1 and items == sorted(items, key=lambda x: (x[0], x[1] or 0))
     assert [i for p, i in items if p == cine] == list(range(30))
     assert all(i is None for p, i in items if p != cine)
-    assert [i for p, i in U.find_images(str(us_dir), 5) if p == cine] == [0, 5, 10, 15, 20, 25]
-    assert len(U.find_images(str(us_dir), 5)) == 6 + 3 + 1 and len(U.find_images(str(us_dir), 7)) == 5 + 3 + 1
+    assert [i for p, i in D.find_images(str(us_dir), 5) if p == cine] == [0, 5, 10, 15, 20, 25]
+    assert len(D.find_images(str(us_dir), 5)) == 6 + 3 + 1 and len(D.find_images(str(us_dir), 7)) == 5 + 3 + 1
 
 
 def test_colour_to_gray(pydicom, us_dir):
@@ -61,18 +62,18 @@ def test_colour_to_gray(pydicom, us_dir):
     GE frame gives the RGB copy's gray after 2x2 averaging. The frame index is honoured."""
     from pydicom.pixels import pixel_array
     rgb = pixel_array(str(us_dir / "examples_rgb_color.dcm"))
-    g, c = U.read_dicom(str(us_dir / "examples_rgb_color.dcm"))
+    g, c = D.read_dicom(str(us_dir / "examples_rgb_color.dcm"))
     assert g.shape == (240, 320) and g.dtype == np.float32
     assert np.allclose(g, rgb @ np.array([0.299, 0.587, 0.114]), atol=1e-3)
     assert (c == (rgb.max(2).astype(int) - rgb.min(2) > 25.5)).all() and 0.03 < c.mean() < 0.1  # the Doppler
-    g2, c2 = U.read_dicom(str(us_dir / "examples_jpeg2k.dcm"))
+    g2, c2 = D.read_dicom(str(us_dir / "examples_jpeg2k.dcm"))
     assert g2.shape == (480, 640) and np.median(np.abs(g2.reshape(240, 2, 320, 2).mean((1, 3)) - g)) < 0.5
     cine = str(us_dir / "echo" / "examples_ybr_color.dcm")
     for k in (0, 17):
-        g, c = U.read_dicom(cine, k)
+        g, c = D.read_dicom(cine, k)
         y = lambda i: pixel_array(cine, index=i, raw=True)[..., 0]  # noqa: E731  the stored Y channel
         assert np.abs(g - y(k)).mean() < 0.1 and np.abs(g - y(k + 5)).mean() > 1
-    g, c = U.read_dicom(str(us_dir / "examples_palette.dcm"))
+    g, c = D.read_dicom(str(us_dir / "examples_palette.dcm"))
     assert g.shape == (350, 800) and c[:60].mean() > 0.8 and not c[60:170, 340:590].any()  # blue header, gray fan
 
 
@@ -93,7 +94,7 @@ def test_fan_masks_on_the_real_frames(us_dir):
     g, c, m, m0 = masks(us_dir / "examples_rgb_color.dcm")
     assert c[60:170, 40:280].sum() > 3000 and m[60:170, 40:280][c[60:170, 40:280]].all() and not m[175:].any()
     # load_image applies the same rule: at 800 px the Philips frame is only padded (225 rows above and below)
-    img, fan = U.load_image(str(us_dir / "examples_palette.dcm"), 800)
+    img, fan = D.load_image(str(us_dir / "examples_palette.dcm"), 800)
     g, c, m, m0 = masks(us_dir / "examples_palette.dcm")
     assert torch.equal(fan[0, 225:575], torch.from_numpy(m)) and not fan[0, :225].any()
 
@@ -102,7 +103,7 @@ def test_monochrome1_and_multiframe_gray(pydicom, tmp_path):
     """A 2-frame 8-bit cine written as MONOCHROME2 and as MONOCHROME1 (inverted values) loads like the PNGs."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import UltrasoundMultiFrameImageStorage, generate_uid
-    frames = np.stack([(U.read_dicom(pydicom.examples.get_path("ybr_color"), k)[0]).round().astype(np.uint8)
+    frames = np.stack([(D.read_dicom(pydicom.examples.get_path("ybr_color"), k)[0]).round().astype(np.uint8)
                        for k in (0, 15)])  # (2, 240, 320)
     for name, pi, data in (("m2.dcm", "MONOCHROME2", frames), ("m1.dcm", "MONOCHROME1", 255 - frames)):
         ds = Dataset()
@@ -111,19 +112,19 @@ def test_monochrome1_and_multiframe_gray(pydicom, tmp_path):
         ds.set_pixel_data(data, pi, 8)
         ds.save_as(tmp_path / name, enforce_file_format=True)
     Image.fromarray(frames[1]).save(tmp_path / "f1.png")
-    assert U.find_images(str(tmp_path)) == [(str(tmp_path / "f1.png"), None)] + [
+    assert D.find_images(str(tmp_path)) == [(str(tmp_path / "f1.png"), None)] + [
         (str(tmp_path / n), i) for n in ("m1.dcm", "m2.dcm") for i in (0, 1)]
-    ref = U.load_image(str(tmp_path / "f1.png"), 96)
+    ref = D.load_image(str(tmp_path / "f1.png"), 96)
     for name in ("m1.dcm", "m2.dcm"):
-        img, fan = U.load_image(str(tmp_path / name), 96, frame=1)
+        img, fan = D.load_image(str(tmp_path / name), 96, frame=1)
         assert torch.equal(img, ref[0]) and torch.equal(fan, ref[1])
-        assert not torch.equal(U.load_image(str(tmp_path / name), 96, frame=0)[0], img)
+        assert not torch.equal(D.load_image(str(tmp_path / name), 96, frame=0)[0], img)
 
 
 def test_pretrain_a_few_steps_on_dicom(us_dir, tmp_path, monkeypatch):
     U.main(["teacher", "--data", str(us_dir), "--every", "5", "--batch_size", "4", "--steps", "2", "--depth", "1",
             "--pred_depth", "1", "--holdout", "0", "--out", str(tmp_path / "t")])
-    images = U.Images(U.parse_config("teacher", ["--data", str(us_dir), "--every", "5"])["data"], 0)
+    images = D.Images(U.parse_config("teacher", ["--data", str(us_dir), "--every", "5"])["data"], 0)
     imgs, fans = images[range(len(images))]
     assert imgs.shape == fans.shape == (6 + 3, 1, 96, 96)  # every 5th of 30 cine frames + 3 single frames
     share = fans.float().mean((1, 2, 3))
@@ -139,7 +140,7 @@ def test_probe_imagefolder_with_a_cine(us_dir, tmp_path):
                                                                            "examples_palette.dcm"])):
             (root / split / cls).mkdir(parents=True)
             for f in files: shutil.copy(us_dir / f, root / split / cls)
-    data, classes = U.probe_data(U.ProbeConfig(data=str(root)), 64)
+    data, classes = D.probe_data(U.ProbeConfig(data=str(root)), 64)
     assert classes == ["a", "b"] and len(data["test"][2]) == 32 and data["test"][2].tolist().count(0) == 30
     assert len(data["train"][2]) + len(data["val"][2]) == 32 and data["test"][0].shape == (32, 1, 64, 64)
 
@@ -150,7 +151,7 @@ def test_without_pydicom_one_clear_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "p").mkdir()
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "p" / "a.png")
     monkeypatch.setitem(sys.modules, "pydicom", None)  # `import pydicom` now raises ImportError
-    assert U.find_images(str(tmp_path / "p")) == [(str(tmp_path / "p" / "a.png"), None)]  # PNGs need no pydicom
+    assert D.find_images(str(tmp_path / "p")) == [(str(tmp_path / "p" / "a.png"), None)]  # PNGs need no pydicom
     with pytest.raises(SystemExit) as e:
         U.main(["teacher", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import us_data as D
 import us_jepa as U
 
 DEMO = U.MaskConfig()
@@ -93,7 +94,7 @@ def test_apply_masks_matches_a_loop():
 
 def fans_as_patches(n, size, grid, seed=0):
     """Valid-patch maps (patches holding >= 1 fan pixel) of synthetic sector / linear scans."""
-    _, fan, _ = U.synth_batch(range(n), size, seed)
+    _, fan, _ = D.synth_batch(range(n), size, seed)
     return (torch.nn.functional.max_pool2d(fan.float(), size // grid)[:, 0] > 0).numpy()
 
 

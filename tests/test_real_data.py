@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import us_data as D
 import us_jepa as U
 
 
 def write_images(root, n, task="lesion", size=80, seed=5):
     """Synthetic ultrasound saved as 8-bit PNGs (plus 0/1 fan masks), as a user's export would look."""
-    imgs, fans, labels = U.synth_batch(range(n), size, seed, task)
+    imgs, fans, labels = D.synth_batch(range(n), size, seed, task)
     paths = []
     for i in range(n):
         p = root / f"img_{i}.png"

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import us_data as D
 import us_jepa as U
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def test_shares_of_a_step_make_the_one_process_batch(usrc):
     """The 'distributed sampler': rank r of 2 gets rows r*B/2 .. of exactly the batch one process builds, with the
     same augmentation; masks too (USrc masks are drawn per process, so only their validity is shared)."""
     cfg = U.parse_config("pretrain", TINY + ["--usrc", str(usrc)])
-    images = U.Images(cfg["data"], 0)
+    images = D.Images(cfg["data"], 0)
     one = U.Steps(images, 150, cfg, 6)[7]
     two = [U.Steps(images, 150, cfg, 6, rank=r, world=2)[7] for r in (0, 1)]
     assert torch.equal(torch.cat([s[0] for s in two]), one[0])  # images after augmentation

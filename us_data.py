@@ -1,0 +1,340 @@
+"""Where US-JEPA's images come from: everything before the method sees a pixel. us_jepa.py imports this
+file; this file never imports us_jepa.py.
+
+  synth_batch     built-in synthetic B-mode ultrasound (speckle, PSF, attenuation, scan conversion, lesions)
+  fan_mask        which pixels of a real frame are ultrasound (the scan fan), when no mask file is given
+  read_dicom      one frame of a DICOM file (cines frame by frame), colour -> gray, burnt-in colour marked
+  load_image      one file or frame -> the model's square grayscale image and its fan mask
+  find_images     the (path, frame) items below a folder
+  Images          the pretraining images by index (synthetic or files)
+  probe_data      the labelled splits of a probe task (built-in, ImageFolder or UltraBench)
+"""
+import glob, json, math, os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Built-in synthetic B-mode ultrasound. Nothing can be downloaded at run time, so the demo
+# simulates its own images: speckle from random scatterers, a probe's PSF, attenuation, log compression
+# and scan conversion, with lesions whose shape (not brightness, size or position) carries the label.
+
+TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"]}
+NA = 256  # angular samples of a mass outline R(phi)
+SHAPES = {  # aspect w/h, tilt (rad), lobulation, spicules (n_min, n_max, length), margin width, internal texture (dB)
+    "benign": ((1.4, 2.4), (-0.2, 0.2), (0.0, 0.03), (0, 0, 0.0), (0.003, 0.008), (0, 1)),  # oval, circumscribed, wide
+    "malignant": ((0.45, 0.8), (-0.3, 0.3), (0.08, 0.2), (8, 14, 1.0), (0.003, 0.008), (3, 6)),  # spiculated, tall
+    "normal": ((1.0, 2.2), (0.0, math.pi), (0.0, 0.05), (0, 0, 0.0), (0.03, 0.06), (0, 2))}  # fat lobule: soft, any tilt
+
+
+def _outline(rng, kind):
+    """Radius table R(phi), phi = atan2(dz, dx), of a star-shaped mass, and its margin width. Area is class-free."""
+    (a0, a1), (t0, t1), (l0, l1), (n0, n1, ls), (e0, e1), _ = SHAPES[kind]
+    phi = np.linspace(-np.pi, np.pi, NA, endpoint=False)
+    asp, a, edge = rng.uniform(a0, a1), phi - rng.uniform(t0, t1), rng.uniform(e0, e1)
+    g = 1 / np.sqrt(np.cos(a) ** 2 / asp + np.sin(a) ** 2 * asp)  # ellipse, semi-axes sqrt(asp) and 1/sqrt(asp)
+    k = np.arange(2, 7)[:, None]  # lobulation: random low harmonics of the radius
+    lob = rng.uniform(l0, l1) * rng.standard_normal((5, 1)) * 2 / k * np.cos(k * phi + rng.uniform(0, 7, (5, 1)))
+    g = g * (1 + lob.sum(0))
+    n = rng.integers(n0, n1 + 1)  # spicules: tapering spikes (triangular in angle) radiating from the margin
+    dphi = np.abs(np.angle(np.exp(1j * (phi - rng.uniform(-np.pi, np.pi, (n, 1))))))  # (n, NA)
+    g = g + (rng.uniform(0.4, 1, (n, 1)) * ls * np.clip(1 - dphi / rng.uniform(0.12, 0.3, (n, 1)), 0, None)).sum(0)
+    # Same area distribution for every class: pi r_eq^2 = 1/2 int R^2 dphi + (soft-margin excess pi^3/3 edge^2).
+    r_eq = rng.uniform(0.32, 0.48)
+    return g / np.sqrt((g ** 2).mean()) * np.sqrt(r_eq ** 2 - np.pi ** 2 / 3 * edge ** 2), edge
+
+
+def _draw(rng, kind):
+    """All random parameters of one image (display units; dB for echo levels)."""
+    # Probe: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear (half-aperture w).
+    p = dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
+             w=rng.uniform(0.75, 1.0))
+    p["R"], p["edge"] = _outline(rng, kind)  # the only label-dependent draws: outline and internal echo texture
+    p["het"] = rng.standard_normal((8, 8)) * rng.uniform(*SHAPES[kind][5])  # heterogeneous (malignant) or not
+    u, p["cz"] = rng.uniform(-0.45, 0.45), rng.uniform(0.5, 1.35)  # mass centre: beam coordinate u, depth z
+    ctr = (p["cz"] + p["r0"] * np.cos(p["tm"])) * np.tan(u * p["tm"]) if p["sector"] else u * p["w"]
+    p["cx"] = np.clip(ctr, -0.6, 0.6)
+    con = [rng.uniform(-24, -12), rng.uniform(-11, -7), rng.uniform(7, 13)]  # mass contrast (dB): hypo, mild, hyper
+    p["con"] = rng.choice(con, p=[0.45, 0.25, 0.3])
+    p["post"] = rng.choice([rng.uniform(-14, -5), 0.0, rng.uniform(3, 9)])  # posterior shadow / none / enhancement (dB)
+    p.update(lb=np.sort(rng.uniform([.03, .2, .8, 1.5], [.09, .55, 1.5, 2.3])), la=rng.uniform(0, [.03, .08, .12, .12]),
+             lf=rng.uniform(1, 5, 4), lp=rng.uniform(0, 7, 4), lq=rng.uniform(0, 7, 4), spec=rng.uniform(0, 8, 4),
+             lv=rng.uniform([-2, -18, -6, -16, -10], [4, -8, 2, -4, 0]))  # 4 boundaries; skin fat gland muscle deep
+    p["tex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 4)  # low-frequency tissue texture (dB)
+    p.update(ccx=rng.uniform(-.7, .7, 2), ccz=rng.uniform(.3, 1.8, 2), ce=rng.uniform(1, 3, 2),  # 0-2 cysts / vessels
+             cr=np.where(rng.random(2) < 0.4, rng.uniform(0.03, 0.08, 2), -1.0))
+    p.update(f=rng.uniform(2.5, 7), D=rng.uniform(3, 8), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
+             aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
+             sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
+             dr=rng.uniform(40, 65), top=rng.uniform(12, 24), gam=rng.uniform(1, 1.6))  # dynamic range, gain, gray map
+    return p
+
+
+def bmode(echo, noise=None, sig_ax=1.0, sig_lat=1.0, dr_db=50.0, top_db=0.0, gamma=1.0):
+    """Echo (B, Z, X): mean backscattered intensity (linear) on the beam grid -> (envelope, image in [0, 1]), both
+    (B, Z, X). noise (B, 2, Z, X): standard normals (real, imag) for reproducibility; PSF sigmas in samples / beams."""
+    B, Z, X = echo.shape
+    noise = torch.randn(B, 2, Z, X) if noise is None else noise
+    s = noise * torch.sqrt(echo / 2)[:, None]  # (B, 2, Z, X) complex Gaussian scatterers, E|s|^2 = echogenicity
+    k, per_img = torch.arange(-5, 6.0), lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1).expand(B, 1)
+    # Separable PSF: Gaussian pulse envelope (axial) x Gaussian beam profile (lateral), unit energy. We work at
+    # baseband (IQ): for circular Gaussian scatterers the carrier does not change the envelope statistics.
+    ka, kl = [torch.exp(-0.5 * (k / per_img(sg)) ** 2) for sg in (sig_ax, sig_lat)]  # (B, 11)
+    ka, kl = [(kk / kk.norm(dim=1, keepdim=True)).repeat_interleave(2, 0) for kk in (ka, kl)]  # (2B, 11)
+    s = F.conv2d(s.reshape(1, 2 * B, Z, X), ka.view(2 * B, 1, 11, 1), padding=(5, 0), groups=2 * B)  # axial
+    s = F.conv2d(s, kl.view(2 * B, 1, 1, 11), padding=(0, 5), groups=2 * B).view(B, 2, Z, X)  # lateral
+    env = torch.hypot(s[:, 0], s[:, 1])  # (B, Z, X) envelope |I + iQ|: Rayleigh in homogeneous tissue
+    top, dr, gam = [per_img(v).view(B, 1, 1) for v in (top_db, dr_db, gamma)]
+    img = (1 + (20 * torch.log10(env + 1e-6) - top) / dr).clamp(0, 1) ** gam  # log compression, gain, gray map
+    return env, img
+
+
+def synth_batch(indices, size=96, seed=0, task="lesion"):
+    """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
+    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
+    names, Z, X = TASKS[task], size, size
+    ps, noise, labels = [], [], []
+    for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
+        rng = np.random.default_rng([seed, len(names), int(i)])
+        labels.append(int(i) % len(names))  # balanced classes
+        ps.append(_draw(rng, names[labels[-1]]))
+        noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
+    B = len(ps)
+    P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
+    # Beam grid -> physical position. Sector: beams fan out from an apex r0*cos(tm) above the image top;
+    # linear: parallel vertical beams. A beam is 2 display units long in both cases (= D cm).
+    t = torch.linspace(0, 1, Z).view(1, 1, Z, 1)  # fraction of the imaging depth along a beam
+    s = torch.linspace(-1, 1, X).view(1, 1, 1, X)  # beam index in [-1, 1]
+    sec, r0, tm = P["sector"] > 0, P["r0"], P["tm"]
+    r, th = r0 + 2 * t, s * tm  # (B, 1, Z, X) range from the apex, beam angle
+    x = torch.where(sec, r * torch.sin(th), P["w"] * s)  # (B, 1, Z, X)
+    z = torch.where(sec, r * torch.cos(th) - r0 * torch.cos(tm), 2 * t)  # (B, 1, Z, X)
+    # Tissue layers: wavy boundaries, smooth steps of echogenicity and a bright specular (fascia) line on each.
+    d = z - P["lb"] - P["la"] * (torch.sin(P["lf"] * x + P["lp"]) + 0.5 * torch.sin(2.7 * P["lf"] * x + P["lq"]))
+    lv = P["lv"]  # d: (B, 4, Z, X) signed depth below each boundary; lv: (B, 5, 1, 1) layer levels (dB)
+    db = lv[:, :1] + ((lv[:, 1:] - lv[:, :-1]) * torch.sigmoid(d / .01) + P["spec"] * torch.exp(-(d / .012) ** 2)).sum(
+        1, keepdim=True)  # (B, 1, Z, X)
+    xz = torch.cat([x, z - 1], 1).permute(0, 2, 3, 1)  # (B, Z, X, 2) positions in grid_sample's [-1, 1] units
+    db = db + F.grid_sample(P["tex"].view(B, 1, 6, 6), xz, mode="bicubic", align_corners=True)  # smooth texture
+    # The mass (or pseudo-mass): soft membership from its outline; it replaces the tissue it displaces by a uniform
+    # level = that tissue's mean + contrast, so the contrast does not depend on which layer it sits in.
+    dx, dz = x - P["cx"], z - P["cz"]
+    idx = ((torch.atan2(dz, dx) + math.pi) * (NA / (2 * math.pi))).long().clamp(max=NA - 1)  # (B, 1, Z, X)
+    R = torch.gather(P["R"].view(B, NA), 1, idx.view(B, -1)).view_as(dx)  # (B, 1, Z, X) outline radius there
+    m = torch.sigmoid((R - torch.sqrt(dx ** 2 + dz ** 2)) / P["edge"])  # (B, 1, Z, X) 1 inside the mass
+    lvl = (db * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp(min=1)  # (B, 1, 1, 1)
+    het = F.grid_sample(P["het"].view(B, 1, 8, 8), torch.cat([2 * dx, dz], 1).permute(0, 2, 3, 1), mode="bicubic",
+                        align_corners=True)  # (B, 1, Z, X) internal echo texture, over a 1 x 2 box around the mass
+    db = db + m * (lvl + P["con"] + het - db)
+    # Small anechoic cysts / vessel cross-sections (distractors): elliptic, fluid-filled.
+    mc = torch.sigmoid((P["cr"] - torch.sqrt(((x - P["ccx"]) / P["ce"]) ** 2 + (z - P["ccz"]) ** 2)) / .006)
+    mc = mc.sum(1, keepdim=True)  # (B, 1, Z, X)
+    db = db + mc.clamp(max=1) * (-35 - db)
+    # Attenuation accumulates along each beam: a mass that attenuates more (shadow) or less (enhancement) than tissue
+    # changes everything behind it. Normalised by the mass's longest path: posterior dB independent of its height.
+    # Fluid barely attenuates: cysts enhance by 40 dB per display unit of path.
+    thick = m.sum(2, keepdim=True).amax(3, keepdim=True).clamp(min=1)  # (B, 1, 1, 1) samples
+    db = db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2)  # (B, 1, Z, X)
+    # Tissue attenuation (round trip 2 alpha f depth dB) minus time-gain compensation set for a slightly wrong alpha,
+    # plus TGC slider wiggles: a residual, random depth-dependent brightness.
+    kk = torch.arange(1, 4.0).view(1, 3, 1, 1)
+    db = db - 2 * P["al"] * P["aerr"] * P["f"] * P["D"] * t + (P["tgc"] * torch.cos(math.pi * kk * t)).sum(1, True)
+    env, img = bmode(10 ** (db[:, 0] / 10), torch.stack(noise), P["sa"].view(-1), P["sl"].view(-1),
+                     P["dr"].view(-1), P["top"].view(-1), P["gam"].view(-1))  # (B, Z, X)
+    # Scan conversion: every display pixel looks up its (beam, depth) coordinate; bilinear interpolation.
+    zd, xd = torch.meshgrid(torch.linspace(0, 2, size), torch.linspace(-1, 1, size), indexing="ij")  # (size, size)
+    r0, tm, w = r0.view(B, 1, 1), tm.view(B, 1, 1), P["w"].view(B, 1, 1)
+    za = zd + r0 * torch.cos(tm)  # (B, size, size) depth below the virtual apex
+    u = torch.where(sec.view(B, 1, 1), torch.atan2(xd, za) / tm, xd / w)  # (B, size, size) beam coordinate
+    v = torch.where(sec.view(B, 1, 1), torch.sqrt(xd ** 2 + za ** 2) - r0 - 1, zd - 1)  # (B, size, size) depth
+    fan = ((u.abs() <= 1) & (v.abs() <= 1))[:, None]  # (B, 1, size, size) inside the field of view
+    imgs = F.grid_sample(img[:, None], torch.stack([u, v], -1), align_corners=True) * fan  # (B, 1, size, size)
+    return imgs, fan, torch.tensor(labels, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real images: files and DICOM frames, the fan mask, preprocessing, and the pretraining images by index.
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+COLOUR = 0.1  # a pixel is burnt-in colour if max(R,G,B) - min(R,G,B) > 10 % of full scale (ours; see read_dicom)
+
+def fan_mask(a, colour=None):
+    """Valid-ultrasound pixels of a gray image (H, W) in [0, 1], when no mask file is given. Not stated in the
+    paper; as UltraBench: threshold, keep the largest connected component (4-neighbours), fill its convex hull.
+    colour (H, W) bool: burnt-in colour pixels; grid cells holding any join no component (ours, below)."""
+    c = np.zeros_like(a) if colour is None else colour.astype(a.dtype)
+    s = max(1, max(a.shape) // 64)  # label components on a <= 64 px grid: cheap and enough for a fan outline
+    small = F.max_pool2d(torch.from_numpy(np.stack([a, c]))[None], s, s, ceil_mode=True)[0]  # (2, h, w)
+    # Colour cells are walls, not just dark: a thin coloured band (Philips' blue header) then keeps its white text
+    # apart from the fan. Colour Doppler inside the fan still counts as fan: it leaves holes the hull fills.
+    m = np.pad(((small[0] > 0.02) & (small[1] == 0)).numpy(), 1)  # (h+2, w+2) bool
+    lab = np.where(m, np.arange(m.size).reshape(m.shape) + 1, 0)  # the zero border stops np.roll wrapping around
+    for _ in range(m.size):  # min-label propagation over 4-neighbours until stable = connected components
+        nb = np.stack([lab, np.roll(lab, 1, 0), np.roll(lab, -1, 0), np.roll(lab, 1, 1), np.roll(lab, -1, 1)])
+        new = np.where(m, np.where(nb > 0, nb, m.size + 1).min(0), 0)
+        if (new == lab).all(): break
+        lab = new
+    if not m.any(): return np.ones_like(a, dtype=bool)
+    m = (lab == np.bincount(lab[m]).argmax())[1:-1, 1:-1]
+    # Convex hull = intersection of the half-planes u.x <= max over the component of u.x, one per direction u;
+    # 180 directions (1 degree apart) overshoot the exact hull by < 1e-4 of its size (well under a pixel).
+    ang = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    u, rc = np.stack([np.cos(ang), np.sin(ang)]), np.indices(m.shape).reshape(2, -1).T  # (2, 180), (h*w, 2)
+    m = (rc @ u <= (rc[m.ravel()] @ u).max(0) + 1e-6).all(1).reshape(m.shape)
+    return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
+
+
+def read_dicom(path, frame=None, count=False):
+    """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no image, e.g. a report).
+    Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data)."""
+    try: import pydicom, pydicom.pixels  # optional, for .dcm only; 3.x decodes one frame of a cine, not all of it
+    except ImportError: raise UserError(f'{path}: reading DICOM needs pydicom>=3: pip install "pydicom>=3" '
+                                        '(or pip install -e ".[dicom]")') from None
+    ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
+    try:
+        if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
+        else: a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
+    except Exception as e: raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
+    if count: return int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
+    if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
+    if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
+    if a.ndim == 2: return a.astype(np.float32), None  # no Modality/VOI LUT: the percentile rescale follows
+    # Burnt-in colour: text boxes, logos, colour bars, markers, Doppler. COLOUR = 10 % lies between the chroma noise of
+    # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
+    # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
+    return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
+
+
+def load_image(path, size, mask_path=None, frame=None):
+    """One file or DICOM frame -> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)). Grayscale; 2nd-98th
+    percentile rescale inside the fan (paper); zero-pad to a square so shapes keep their aspect (ours); resize to S."""
+    from PIL import Image
+    colour = None  # burnt-in colour pixels (DICOM only)
+    try:
+        if path.lower().endswith(".dcm"): a, colour = read_dicom(path, frame)
+        else:
+            with Image.open(path) as im:
+                im.load()
+                a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
+        fan = None
+        if mask_path:
+            with Image.open(mask_path) as mk: fan = np.asarray(mk.convert("L")) > 0
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    if a.ndim != 2 or min(a.shape) < 8: raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
+    a = a / max(float(a.max()), 1e-6)
+    fan = fan_mask(a, colour) if fan is None else fan
+    if fan.shape != a.shape: raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
+    lo, hi = np.percentile(a[fan], [2, 98]) if fan.any() else (0.0, 1.0)
+    a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * fan
+    t = torch.from_numpy(np.stack([a, fan]).astype(np.float32))[None]  # (1, 2, H, W)
+    h, w = a.shape
+    t = F.pad(t, ((max(h, w) - w) // 2, (max(h, w) - w + 1) // 2, (max(h, w) - h) // 2, (max(h, w) - h + 1) // 2))
+    t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    fan = t[1:] > 0.5
+    return t[:1].clamp(0, 1) * fan, fan
+
+
+def find_images(root, every=1):
+    """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ... for a DICOM cine."""
+    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTS))
+    items = [(p, i) for p in files for n in [read_dicom(p, count=True) if p.lower().endswith(".dcm") else 1]
+             for i in ([None] if n == 1 else range(0, n, every))]  # n = 0: a DICOM without pixels, skipped
+    if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
+    return items
+
+
+def usable(items, max_bad, min_side):
+    """The (path, frame) items that decode to an image of at least min_side px (a patch); the others are skipped and
+    counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise."""
+    from PIL import Image
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ok(item):  # a full decode: a truncated PNG/JPEG opens fine and fails only here
+        try:
+            if item[0].lower().endswith(".dcm"): return min(read_dicom(*item)[0].shape) >= min_side
+            with Image.open(item[0]) as im: im.load(); return min(im.size) >= min_side
+        except Exception: return False
+    with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, items))  # decoders release the GIL
+    bad = [f"{p}" + (f" frame {i}" if i is not None else "") for (p, i), g in zip(items, good) if not g]
+    if len(bad) > max_bad * len(items):
+        raise UserError(f"{len(bad)} of {len(items)} image files are unreadable or smaller than {min_side} px "
+                        f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
+    if bad: print(f"[data] skipping {len(bad)} of {len(items)} unreadable or too small image files, e.g. {bad[0]}")
+    return [f for f, g in zip(items, good) if g]
+
+
+class Images:
+    """The pretraining images by index, made on demand: generated (synthetic: unlabeled images of all three lesion3
+    classes, seeds apart from the probes'; deterministic per index) or read from files. Nothing is held in memory,
+    so a corpus of any size works and DataLoader workers can build any batch."""
+    def __init__(self, d, seed, min_side=16):
+        self.d, self.seed = d, seed
+        self.files = usable(find_images(d.data, d.every), d.max_bad, min_side) if d.data else None  # (path, frame)
+
+    def __len__(self): return len(self.files) if self.files else self.d.n_images
+
+    def __getitem__(self, idx):  # indices (B,) -> imgs (B, 1, S, S) in [0, 1], 8-bit steps like a stored image; fans
+        idx, S = [int(i) for i in idx], self.d.img_size
+        if self.files is None: imgs, fans, _ = synth_batch(idx, S, 1000 + self.seed, "lesion3")
+        else:
+            pairs = [load_image(path, S, frame=frame) for path, frame in (self.files[i] for i in idx)]
+            imgs, fans = torch.stack([a for a, _ in pairs]), torch.stack([f for _, f in pairs])  # (B, 1, S, S) each
+        return (imgs * 255).round() / 255, fans
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probe datasets: the labelled train / val / test splits of a task.
+
+def probe_data(p, size):
+    """-> {split: (imgs (N, 1, S, S), fans, labels)} and the class names."""
+    if not p.data:
+        if p.task not in TASKS: raise UserError(f"--task {p.task}: choose one of {list(TASKS)}")
+        bounds = np.cumsum([0, p.n_train, p.n_val, p.n_test])
+        return {s: synth_batch(range(bounds[i], bounds[i + 1]), size, 1, p.task)
+                for i, s in enumerate(("train", "val", "test"))}, TASKS[p.task]
+    if not os.path.isdir(p.data): raise UserError(f"--data {p.data}: no such directory")
+    root, recs = p.data, {}
+    ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1 (PyPI)
+    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout: val carved below
+        ub = {"train": "train_val.json", "test": "test.json"}
+    if os.path.exists(os.path.join(root, ub["train"])):
+        for split, name in ub.items():
+            if not os.path.exists(os.path.join(root, name)): raise UserError(f"{root}: no {name}")
+            with open(os.path.join(root, name)) as f:
+                recs[split] = [(os.path.join(root, r["image"]), int(r["label"]),
+                                r.get("scan_mask") and os.path.join(root, r["scan_mask"]), None) for r in json.load(f)]
+        classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
+        if [int(c) for c in classes] != list(range(len(classes))):
+            raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
+    else:  # ImageFolder: DIR/{train,val,test}/<class>/*.png
+        if not os.path.isdir(os.path.join(root, "train")):
+            raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench (train_val.json)")
+        classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
+        if len(classes) < 2: raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
+        for split in ("train", "val", "test"):
+            if os.path.isdir(os.path.join(root, split)):
+                recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: frame of a DICOM cine
+                               for f, i in find_images(os.path.join(root, split, name))]
+    if len(classes) < 2: raise UserError(f"{root}: need at least 2 classes, found {classes}")
+    if "test" not in recs: raise UserError(f"{root}: no test split")
+    if "val" not in recs:  # carve 10 % of train with a fixed seed (the paper does not say how it validated)
+        perm = np.random.default_rng(0).permutation(len(recs["train"]))
+        cut = max(1, len(perm) // 10)
+        recs["val"] = [recs["train"][i] for i in perm[:cut]]
+        recs["train"] = [recs["train"][i] for i in perm[cut:]]
+    out = {}
+    for split, rs in recs.items():
+        if any(not os.path.exists(r[0]) for r in rs):
+            raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
+        pairs = [load_image(f, size, mp, i) for f, _, mp, i in rs]
+        out[split] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]),
+                      torch.tensor([r[1] for r in rs]))
+    return out, classes
