@@ -1,15 +1,15 @@
-"""Benchmark of the fused ops and of a pretrain step (a script that prints tables; not a test).
+"""Benchmarks: scripts that print tables (not tests). BENCHMARKS.md holds what they printed, and where.
 
-    python kernels/bench.py                 # on the GPU if there is one, else the CPU rows
-    python kernels/bench.py --device cpu --quick
+    python bench.py kernels                 # fused ops + a pretrain step: on the GPU if there is one
+    python bench.py kernels --device cpu --quick
 
-Per op, forward + backward, at the paper's shapes (B=128, N=196, D=768; 4 target masks of 18 tokens; a
+`kernels`: per op, forward + backward at the paper's shapes (B=128, N=196, D=768; 4 target masks of 18 tokens; a
 context of 96 tokens) plus a smaller (the CPU demo: B=64, N=36, D=192) and a larger size (B=256, D=1024):
 median time, achieved GB/s over the *minimal* bytes (each input read once, each output written once) and,
 on CUDA, peak memory above the inputs. The ceiling is the measured device copy bandwidth (bytes read +
 written). Then a pretrain step (teacher forward + student + predictor + backward + AdamW) with the torch
 references and with the fused ops: images/s and peak memory. This file imports us_jepa for the references
-and the models; kernels/ itself does not."""
+and the models; kernels/ itself imports nothing of the method."""
 import argparse
 import os
 import statistics
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels  # noqa: E402
 import us_jepa as U  # noqa: E402
 
@@ -142,12 +142,12 @@ def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, c
     return batch / ms * 1e3, mb, flops / (ms / 1e3) / peak if peak else float("nan")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_kernels(argv):
+    ap = argparse.ArgumentParser(prog="bench.py kernels", description="fused ops and a pretrain step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
     ap.add_argument("--no_step", action="store_true", help="skip the pretrain-step benchmark")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     dev, reps = a.device, (5 if a.quick else 20) if a.device == "cpu" else (20 if a.quick else 100)
     if dev == "cpu": torch.set_num_threads(os.cpu_count() or 1)
     fused = [b for b in kernels.BACKENDS if kernels.why_not(b, dev) is None]
@@ -182,6 +182,16 @@ def main():
         ips, mb, mfu = bench_step(dev, name, model, size, depth, batch, pred, dt, max(5, reps // 4), c)
         label = f"{model} {size}px d{depth} b{batch} {str(dt)[6:]}"
         print(f"{label:34} {str(c):8} {name:8} {ips:8.1f} {fmt_mb(mb)} {mfu:6.1%}")
+
+
+BENCHES = {"kernels": bench_kernels}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in BENCHES:
+        sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [flags]; --help after one for its flags")
+    BENCHES[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

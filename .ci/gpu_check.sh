@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU (device tool): build the CUDA extension, run the kernel tests on the GPU,
 # run the benchmark, print a short table last. Everything also lands in $OUT (default /tmp/us_jepa_gpu).
-#   run: bash kernels/gpu_check.sh        (~560 s at most: one call, then give_back)
+#   run: bash .ci/gpu_check.sh        (~560 s at most: one call, then give_back)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/us_jepa_gpu}; mkdir -p "$OUT"
@@ -13,7 +13,7 @@ python -c "import kernels.ext as e; r = e.load(verbose=True); print('BUILD', r o
 grep BUILD "$OUT/build.log" || tail -20 "$OUT/build.log"
 echo "build: $(( $(date +%s) - start )) s"
 timeout 120 python -m pytest -q -x tests/test_kernels.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
-timeout 240 python kernels/bench.py --quick > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"
+timeout 240 python bench.py kernels --quick > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"
 cat "$OUT/bench.txt"
 # Issue 5: a short real pretrain at the paper's size (trains a 15-step teacher first), bf16 + compile + loader
 # workers; its log lines give images/s and MFU, its last line peak GPU memory.
