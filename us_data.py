@@ -9,7 +9,7 @@ file; this file never imports us_jepa.py.
   Images          the pretraining images by index (synthetic or files)
   probe_data      the labelled splits of a probe task (built-in, ImageFolder or UltraBench)
 """
-import glob, json, math, os
+import hashlib, json, math, os, time
 
 import numpy as np
 import torch
@@ -190,12 +190,21 @@ def fan_mask(a, colour=None):
     return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
 
 
+def need_pydicom(path):
+    """pydicom, imported; without it one line says how to install it (it is optional: for .dcm files only)."""
+    try:
+        import pydicom
+        import pydicom.pixels  # 3.x decodes one frame of a cine, not all of it
+    except ImportError:
+        raise UserError(f'{path}: reading DICOM needs pydicom>=3: pip install "pydicom>=3" '
+                        '(or pip install -e ".[dicom]")') from None
+    return pydicom
+
+
 def read_dicom(path, frame=None, count=False):
     """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no image, e.g. a report).
     Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data)."""
-    try: import pydicom, pydicom.pixels  # optional, for .dcm only; 3.x decodes one frame of a cine, not all of it
-    except ImportError: raise UserError(f'{path}: reading DICOM needs pydicom>=3: pip install "pydicom>=3" '
-                                        '(or pip install -e ".[dicom]")') from None
+    pydicom = need_pydicom(path)
     ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
     try:
         if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -211,26 +220,34 @@ def read_dicom(path, frame=None, count=False):
     return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
 
 
-def load_image(path, size, mask_path=None, frame=None):
-    """One file or DICOM frame -> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)). Grayscale; 2nd-98th
-    percentile rescale inside the fan (paper); zero-pad to a square so shapes keep their aspect (ours); resize to S."""
+def read_image(path, frame=None, mask_path=None):
+    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W) bool or None
+    (DICOM only), and the fan from a mask file (H, W) bool or None."""
     from PIL import Image
-    colour = None  # burnt-in colour pixels (DICOM only)
+    colour, fan = None, None
     try:
-        if path.lower().endswith(".dcm"): a, colour = read_dicom(path, frame)
+        if path.lower().endswith(".dcm"):
+            a, colour = read_dicom(path, frame)
         else:
             with Image.open(path) as im:
                 im.load()
                 a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
-        fan = None
         if mask_path:
-            with Image.open(mask_path) as mk: fan = np.asarray(mk.convert("L")) > 0
+            with Image.open(mask_path) as mk:
+                fan = np.asarray(mk.convert("L")) > 0
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
-    if a.ndim != 2 or min(a.shape) < 8: raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
-    a = a / max(float(a.max()), 1e-6)
+    if a.ndim != 2 or min(a.shape) < 8:
+        raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
+    if fan is not None and fan.shape != a.shape:
+        raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
+    return a / max(float(a.max()), 1e-6), colour, fan
+
+
+def preprocess(a, colour, fan, size):
+    """-> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)). Fan computed when no mask file gave one; 2nd-98th
+    percentile rescale inside the fan (paper); zero-pad to a square so shapes keep their aspect (ours); resize to S."""
     fan = fan_mask(a, colour) if fan is None else fan
-    if fan.shape != a.shape: raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
     lo, hi = np.percentile(a[fan], [2, 98]) if fan.any() else (0.0, 1.0)
     a = np.clip((a - lo) / max(hi - lo, 1e-6), 0, 1) * fan
     t = torch.from_numpy(np.stack([a, fan]).astype(np.float32))[None]  # (1, 2, H, W)
@@ -241,19 +258,42 @@ def load_image(path, size, mask_path=None, frame=None):
     return t[:1].clamp(0, 1) * fan, fan
 
 
+def load_image(path, size, mask_path=None, frame=None):
+    """One file or DICOM frame -> (img float32 (1, S, S) in [0, 1], fan bool (1, S, S)): read, then preprocess."""
+    return preprocess(*read_image(path, frame, mask_path), size)
+
+
+def walk_images(root):
+    """-> sorted paths of the image files below root, names taken literally (no glob patterns), symlinked
+    folders followed once (a link loop or a second link to a folder lists nothing twice)."""
+    seen, out = set(), []
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
+    return sorted(out)
+
+
 def find_images(root, every=1):
     """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ... for a DICOM cine."""
-    files = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTS))
-    items = [(p, i) for p in files for n in [read_dicom(p, count=True) if p.lower().endswith(".dcm") else 1]
+    items = [(p, i) for p in walk_images(root) for n in [frames(p)]
              for i in ([None] if n == 1 else range(0, n, every))]  # n = 0: a DICOM without pixels, skipped
     if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return items
 
 
+def frames(path):
+    """Frames in a file: DICOM from its header alone (0: no pixel data), any other image 1."""
+    return read_dicom(path, count=True) if path.lower().endswith(".dcm") else 1
+
+
 def usable(items, max_bad, min_side):
     """The (path, frame) items that decode to an image of at least min_side px (a patch); the others are skipped and
-    counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise."""
+    counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise.
+    (--cache off only: with the cache this happens once, while it is built.)"""
     from PIL import Image
     from concurrent.futures import ThreadPoolExecutor
 
@@ -264,30 +304,306 @@ def usable(items, max_bad, min_side):
         except Exception: return False
     with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, items))  # decoders release the GIL
     bad = [f"{p}" + (f" frame {i}" if i is not None else "") for (p, i), g in zip(items, good) if not g]
-    if len(bad) > max_bad * len(items):
-        raise UserError(f"{len(bad)} of {len(items)} image files are unreadable or smaller than {min_side} px "
-                        f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
-    if bad: print(f"[data] skipping {len(bad)} of {len(items)} unreadable or too small image files, e.g. {bad[0]}")
+    screen(bad, len(items), max_bad, min_side)
     return [f for f, g in zip(items, good) if g]
 
 
-class Images:
-    """The pretraining images by index, made on demand: generated (synthetic: unlabeled images of all three lesion3
-    classes, seeds apart from the probes'; deterministic per index) or read from files. Nothing is held in memory,
-    so a corpus of any size works and DataLoader workers can build any batch."""
-    def __init__(self, d, seed, min_side=16):
-        self.d, self.seed = d, seed
-        self.files = usable(find_images(d.data, d.every), d.max_bad, min_side) if d.data else None  # (path, frame)
+def screen(bad, n, max_bad, min_side):
+    """Skip and count the unreadable or too small images; stop when they are more than a share max_bad."""
+    if len(bad) > max_bad * n:
+        raise UserError(f"{len(bad)} of {n} image files are unreadable or smaller than {min_side} px "
+                        f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
+    if bad:
+        print(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, e.g. {bad[0]}")
 
-    def __len__(self): return len(self.files) if self.files else self.d.n_images
+
+# ----------------------------------------------------------------------------------------------------
+# The preprocessing cache. Decoding, the fan mask and the rescale cost 1-50 ms per frame and a training step
+# ~1 ms per image at the demo size: so every (file, frame) is preprocessed once, into memory-mapped uint8
+# arrays that every later run, DataLoader worker and DDP rank only slices. One cache folder holds:
+#   index.json     version, the parameters, what was read (path, frame, size, mtime) and what came of it
+#   images-G.npy   (N, S, S) uint8: the model's input image at 8-bit steps (S = --img_size, see below)
+#   fans-G.npy     (N, S, ceil(S/8)) uint8: the fan masks, bit-packed along rows
+#   lock           flock'd: shared while a run opens the cache, exclusive while one (re)builds it
+# G is a generation: a build writes new arrays, then replaces index.json (atomically) to name them, then
+# deletes the old ones. A build killed at any point leaves the old index (or none): never a cache that loads
+# with rows missing. Readers map the arrays they opened, so a later rebuild does not pull them away.
+
+CACHE_VERSION = 1  # bump whenever preprocessing changes what a row holds: every older cache is then rebuilt
+
+
+def cache_folder(choice, kind, name, params):
+    """--cache: "" = $US_JEPA_CACHE, else ~/.cache/us_jepa (ours: beside pip's and torch's caches, writable when
+    the data folder is read-only, shared by every --out); else that folder. One subfolder per source and
+    preprocessing parameters, so that a changed parameter builds a new cache instead of destroying one."""
+    root = choice or os.environ.get("US_JEPA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "us_jepa")
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, kind, params], sort_keys=True).encode()).hexdigest()
+    return os.path.join(root, f"{kind}-{os.path.basename(os.path.normpath(name)) or 'root'}-{key[:12]}")
+
+
+class Cache:
+    """An opened cache, read-only. Per row: keys[i] (what was read), shape[i] (its height and width before
+    preprocessing), bad[i] (why it could not be read, "" if it could)."""
+    def __init__(self, folder, index):
+        self.folder, self.index, self.keys, self.side = folder, index, index["keys"], index["side"]
+        self.shape = np.array(index["shape"], np.int64).reshape(-1, 2)  # (N, 2)
+        self.bad = {int(r): why for r, why in index["bad"].items()}
+        self.arrays = None
+
+    def _open(self):  # mapped lazily, so a pickled Cache (a spawned DataLoader worker) maps its own
+        self.arrays = [np.load(os.path.join(self.folder, self.index[a]), mmap_mode="r") for a in ("images", "fans")]
+        for arr, width in zip(self.arrays, (self.side, (self.side + 7) // 8)):
+            if arr.shape != (len(self.keys), self.side, width) or arr.dtype != np.uint8:
+                raise ValueError(f"{arr.shape} {arr.dtype} where the index says {len(self.keys)} rows")
+
+    def __getstate__(self): return dict(self.__dict__, arrays=None)
+
+    def get(self, rows):
+        """rows (B,) -> imgs float32 (B, 1, S, S) in [0, 1] at 8-bit steps, fans bool (B, 1, S, S)."""
+        if self.arrays is None: self._open()
+        rows = np.asarray(rows, np.int64)
+        imgs = torch.from_numpy(self.arrays[0][rows]).float().div_(255)  # (B, S, S)
+        fans = np.unpackbits(self.arrays[1][rows], axis=2, count=self.side).astype(bool)  # (B, S, S)
+        return imgs[:, None], torch.from_numpy(fans)[:, None]
+
+
+def _fill(job):
+    """One build job, in a worker process: preprocess rows lo..lo+len(items) into the new arrays (mapped r+).
+    -> [(row, h, w, why it is bad or "")]"""
+    folder, names, side, lo, items, synth = job
+    torch.set_num_threads(1)  # the build's parallelism is its processes
+    imgs, fans = (np.load(os.path.join(folder, n), mmap_mode="r+") for n in names)
+    out = []
+    if synth:  # items: indices of the synthetic pool, made in one batch: (seed, task) in synth
+        x, f, _ = synth_batch(items, side, *synth)
+        x, f, shapes = x[:, 0], f[:, 0], [("", side, side)] * len(items)
+    else:
+        x, f, shapes = torch.zeros(len(items), side, side), torch.zeros(len(items), side, side, dtype=bool), []
+        for j, (path, frame, mask) in enumerate(items):
+            try:
+                a, colour, fan = read_image(path, frame, mask)
+                shapes.append(("", *a.shape))
+                img, fan = preprocess(a, colour, fan, side)
+                x[j], f[j] = img[0], fan[0]
+            except Exception as e:  # any failure of one file is that file's: counted, said, never fatal here
+                msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                msg = msg.replace(f"{path}: ", "").replace(f" {path}", "")  # the line names the file anyway
+                shapes.append((" ".join(msg.split())[:200] or type(e).__name__, 0, 0))
+    imgs[lo:lo + len(items)] = (x * 255).round().to(torch.uint8).numpy()
+    fans[lo:lo + len(items)] = np.packbits(f.numpy(), axis=2)
+    imgs.flush()
+    fans.flush()
+    return [(lo + j, h, w, bad) for j, (bad, h, w) in enumerate(shapes)]
+
+
+def _read_index(folder, params):
+    """The folder's index if it is complete and of this version and these parameters, else (None, why)."""
+    try:
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        if index.get("version") != CACHE_VERSION or index.get("params") != params:
+            return None, "made by another version or with other parameters"
+        cache = Cache(folder, index)
+        cache._open()
+        return cache, ""
+    except FileNotFoundError as e:
+        return None, "" if e.filename and e.filename.endswith("index.json") else f"missing {e.filename}"
+    except Exception as e:  # a truncated array, an index that is not JSON, ...
+        return None, f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+
+
+def open_cache(folder, params, items, keys, synth=None, procs=None, say=print):
+    """The cache in `folder` for these items (in this order), built or brought up to date first if needed.
+    keys[i]: what identifies item i's content (path, frame, size, mtime): a row is reused only for the same key.
+    synth: (seed, task) when items are indices of the synthetic pool. procs: build processes (default: cores)."""
+    import fcntl
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, "lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError as e:
+        raise UserError(f"cache {folder}: {e.strerror}; choose a writable --cache DIR, or --cache off") from None
+    try:
+        cache, why = _read_index(folder, params)
+        if cache and cache.keys == keys:
+            say(f"[cache] {len(keys)} images from {folder} (built {cache.index['built']})", flush=True)
+            return cache
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"[cache] waiting for another process building {folder}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        cache, why = _read_index(folder, params)  # someone else may have built it while we waited
+        if cache and cache.keys == keys:
+            return cache
+        return _build(folder, params, items, keys, synth, procs, cache, why, say)
+    finally:
+        os.close(fd)  # releases the lock; the opened arrays stay mapped
+
+
+def _build(folder, params, items, keys, synth, procs, old, why, say):
+    """(Re)build under the exclusive lock: rows of unchanged items are copied from the old cache, the rest made."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    hashable = lambda k: tuple(k) if isinstance(k, list) else k  # noqa: E731  JSON gives lists back
+    reuse = {hashable(k): r for r, k in enumerate(old.keys)} if old is not None else {}
+    keyt = [hashable(k) for k in keys]
+    todo = [i for i, k in enumerate(keyt) if k not in reuse]
+    if why:
+        say(f"[cache] warning: {folder} is unusable ({why}): rebuilding it", flush=True)
+    elif old is not None:  # by file (a key's first element): added, changed (size or mtime), removed
+        was, now = {k[0]: k for k in reuse if isinstance(k, tuple)}, {k[0]: k for k in keyt if isinstance(k, tuple)}
+        n = [len(now.keys() - was.keys()), sum(was[f] != k for f, k in now.items() if f in was),
+             len(was.keys() - now.keys())]
+        say(f"[cache] the files changed since {folder} was built ({n[0]} added, {n[1]} changed, {n[2]} removed): "
+            f"re-reading {len(todo)} of {len(items)} images", flush=True)
+    else:
+        say(f"[cache] building {folder}: {len(items)} images, once (later runs reuse it)", flush=True)
+    gens = [int(f.split("-")[1][:-4]) for f in os.listdir(folder) if f.startswith("images-") and f.endswith(".npy")
+            and f.split("-")[1][:-4].isdigit()]
+    gen = max(gens, default=0) + 1  # never a file name in use: a running reader may still map the older ones
+    names = [f"{a}-{gen}.npy" for a in ("images", "fans")]
+    side = params["side"]
+    for name, width in zip(names, (side, (side + 7) // 8)):  # sparse files of the final size
+        np.lib.format.open_memmap(os.path.join(folder, name), "w+", np.uint8, (len(items), side, width)).flush()
+    shape, bad = np.zeros((len(items), 2), np.int64), {}
+    if old is not None:  # copy the unchanged rows, in order of their new position
+        new = [i for i in range(len(items)) if keyt[i] in reuse]
+        src = [reuse[keyt[i]] for i in new]
+        arrs = [np.load(os.path.join(folder, n), mmap_mode="r+") for n in names]
+        for a, b in zip(arrs, old.arrays):
+            for j in range(0, len(new), 4096):
+                a[new[j:j + 4096]] = b[src[j:j + 4096]]
+            a.flush()
+        shape[new] = old.shape[src]
+        bad.update({i: old.bad[r] for i, r in zip(new, src) if r in old.bad})
+    chunk = 64 if synth else 16
+    jobs = []  # a job fills consecutive rows: the rows to make are cut into runs of <= chunk
+    for j in range(0, len(todo), chunk):
+        run, start = todo[j:j + chunk], 0
+        for t in range(1, len(run) + 1):
+            if t == len(run) or run[t] != run[t - 1] + 1:
+                jobs.append((folder, names, side, run[start], [items[i] for i in run[start:t]], synth))
+                start = t
+    procs = procs or len(os.sched_getaffinity(0))
+    tic, done, last = time.time(), 0, 0.0
+    pool = ProcessPoolExecutor(procs, multiprocessing.get_context("fork")) if procs > 1 and len(jobs) > 1 else None
+    results = pool.map(_fill, jobs) if pool else map(_fill, jobs)
+    try:
+        for res in results:
+            for row, h, w, why in res:
+                shape[row] = h, w
+                if why:
+                    bad[row] = why
+            done += len(res)
+            rate = done / max(time.time() - tic, 1e-9)
+            if time.time() - last > 5 or done == len(todo):
+                last = time.time()
+                say(f"[cache] {done}/{len(todo)} images, {rate:.0f} img/s, ETA {(len(todo) - done) / rate:.0f} s",
+                    flush=True)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    for name in names:  # the pixels are on disk before the index that names them
+        with open(os.path.join(folder, name), "rb+") as f:
+            os.fsync(f.fileno())
+    index = dict(version=CACHE_VERSION, params=params, side=side, gen=gen, images=names[0], fans=names[1],
+                 built=time.strftime("%Y-%m-%d %H:%M:%S"), keys=keys, shape=shape.ravel().tolist(),
+                 bad={str(r): why for r, why in sorted(bad.items())})
+    tmp = os.path.join(folder, f"index.json.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(index, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, "index.json"))
+    for f in os.listdir(folder):  # old generations and what killed builds left behind
+        if f not in names + ["index.json", "lock"]:
+            os.remove(os.path.join(folder, f))
+    cache = Cache(folder, index)
+    cache._open()
+    return cache
+
+
+class Images:
+    """The pretraining images by index: generated (synthetic: unlabeled images of all three lesion3 classes, seeds
+    apart from the probes'; deterministic per index) or read from files. With the cache (default) they are
+    preprocessed once and sliced from memory-mapped arrays; with --cache off made on demand as they are drawn.
+    Nothing is held in memory, so a corpus of any size works and DataLoader workers can build any batch."""
+    def __init__(self, d, seed, min_side=16):
+        self.d, self.seed, self.cache, self.files, self.rows = d, seed, None, None, None
+        if d.cache == "off":
+            self.files = usable(find_images(d.data, d.every), d.max_bad, min_side) if d.data else None
+            return
+        if not d.data:
+            params = dict(side=d.img_size, n=d.n_images, seed=1000 + seed, task="lesion3")
+            folder = cache_folder(d.cache, "synthetic", "lesion3", params)
+            self.cache = open_cache(folder, params, list(range(d.n_images)), list(range(d.n_images)),
+                                    (1000 + seed, "lesion3"))
+            return
+        root = os.path.realpath(d.data)
+        params = dict(side=d.img_size, root=root, every=d.every)
+        folder = cache_folder(d.cache, "files", root, params)
+        items, keys = file_items(root, d.every, folder, params)
+        self.cache = open_cache(folder, params, items, keys)
+        c = self.cache
+        ok = (c.shape.min(1) >= min_side) & ~np.isin(np.arange(len(c.keys)), list(c.bad))
+        bad = [os.path.join(root, c.keys[r][0]) + (f" frame {c.keys[r][1]}" if c.keys[r][1] is not None else "")
+               + (f" ({c.bad[r]})" if r in c.bad else "") for r in np.flatnonzero(~ok)]
+        screen(bad, len(ok), d.max_bad, min_side)
+        self.rows = np.flatnonzero(ok)
+
+    def __len__(self):
+        if self.rows is not None: return len(self.rows)
+        return len(self.files) if self.files else self.d.n_images
 
     def __getitem__(self, idx):  # indices (B,) -> imgs (B, 1, S, S) in [0, 1], 8-bit steps like a stored image; fans
         idx, S = [int(i) for i in idx], self.d.img_size
+        if self.cache is not None:
+            return self.cache.get(idx if self.rows is None else self.rows[idx])
         if self.files is None: imgs, fans, _ = synth_batch(idx, S, 1000 + self.seed, "lesion3")
         else:
             pairs = [load_image(path, S, frame=frame) for path, frame in (self.files[i] for i in idx)]
             imgs, fans = torch.stack([a for a, _ in pairs]), torch.stack([f for _, f in pairs])  # (B, 1, S, S) each
         return (imgs * 255).round() / 255, fans
+
+
+def file_items(root, every, folder, params):
+    """The (path, frame, mask) items below root and their keys (relative path, frame, size, mtime). DICOM headers
+    are read again only for files whose size or mtime changed since the cache in `folder` was built."""
+    known = {}
+    try:
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        if index.get("params") == params:
+            for rel, frame, size, mtime in index["keys"]:
+                known.setdefault((rel, size, mtime), []).append(frame)
+    except Exception:  # no usable index: every file is new
+        pass
+    items, keys, paths = [], [], walk_images(root)
+    if any(p.lower().endswith(".dcm") for p in paths):
+        need_pydicom(next(p for p in paths if p.lower().endswith(".dcm")))
+    for path in paths:
+        rel = os.path.relpath(path, root)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # vanished between listing and stat
+        sig = (rel, st.st_size, st.st_mtime_ns)
+        if sig in known and path.lower().endswith(".dcm"):
+            fr = known[sig]
+        else:
+            try:
+                n = frames(path)
+            except UserError:
+                n = 1  # an unreadable header: one item, counted as bad when the build decodes it
+            fr = [None] if n == 1 else list(range(0, n, every))
+        for i in fr:
+            items.append((path, i, None))
+            keys.append([rel, i, st.st_size, st.st_mtime_ns])
+    if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
+    return items, keys
 
 
 # ----------------------------------------------------------------------------------------------------

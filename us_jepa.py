@@ -39,6 +39,7 @@ class DataConfig:
     holdout: float = 0.05           # share of images held out to pick best.pt (paper D.1: 5 %)
     crop_scale: tuple = (0.6, 1.0)  # RandomResizedCrop area range (paper)
     augment: bool = True            # flips, blur, speckle, contrast (paper; strengths are ours)
+    cache: str = ""                 # preprocessing cache folder ("" = $US_JEPA_CACHE or ~/.cache/us_jepa); off = none
     max_bad: float = 0.01           # share of unreadable or too-small image files skipped (and said) before aborting
 
 @dataclass

@@ -165,8 +165,8 @@ def test_bad_dicom_files_one_line(us_dir, tmp_path, capsys):
     (tmp_path / "junk" / "x.dcm").write_bytes(b"not a dicom file" * 20)
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "t.dcm").write_bytes((us_dir / "examples_rgb_color.dcm").read_bytes()[:100000])
-    # A header that does not parse stops the listing; pixels cut short are found by the start-up decode (counted).
-    for d, match in (("junk", "cannot read DICOM"), ("cut", "1 of 1 image files are unreadable")):
+    # A header that does not parse and pixels cut short are both found by the one decode (counted, reason said).
+    for d, match in (("junk", "x.dcm (cannot read DICOM"), ("cut", "1 of 1 image files are unreadable")):
         with pytest.raises(SystemExit) as e:
             U.main(["teacher", "--data", str(tmp_path / d), "--out", str(tmp_path / ("o" + d))])
         err = capsys.readouterr().err.strip()
