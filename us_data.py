@@ -95,6 +95,11 @@ def bmode(echo, noise=None, sig_ax=1.0, sig_lat=1.0, dr_db=50.0, top_db=0.0, gam
     return env, img
 
 
+def synth_labels(indices, task):
+    """The class of each synthetic image: index modulo the number of classes (balanced classes)."""
+    return [int(i) % len(TASKS[task]) for i in indices]
+
+
 def synth_batch(indices, size=96, seed=0, task="lesion"):
     """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
     labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
@@ -102,7 +107,7 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
     ps, noise, labels = [], [], []
     for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
         rng = np.random.default_rng([seed, len(names), int(i)])
-        labels.append(int(i) % len(names))  # balanced classes
+        labels.append(synth_labels([i], task)[0])
         ps.append(_draw(rng, names[labels[-1]]))
         noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
     B = len(ps)
@@ -609,15 +614,81 @@ def file_items(root, every, folder, params):
 # ----------------------------------------------------------------------------------------------------
 # Probe datasets: the labelled train / val / test splits of a task.
 
+class Split:
+    """One split of a probe task: labels (N,) in memory, images fetched batch by batch (a probe holds features,
+    not images): get(rows) -> imgs float32 (b, 1, S, S) in [0, 1], fans bool (b, 1, S, S)."""
+    def __init__(self, get, labels):
+        self.get, self.labels = get, torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batches(self, size=256):
+        """-> (first row, imgs, fans) per batch of `size` rows, in order."""
+        for i in range(0, len(self), size):
+            yield (i, *self.get(np.arange(i, min(i + size, len(self)))))
+
+
+def in_memory(imgs, fans):
+    return lambda rows: (imgs[rows], fans[rows])
+
+
 def probe_data(p, size):
-    """-> {split: (imgs (N, 1, S, S), fans, labels)} and the class names."""
+    """-> {split: Split} and the class names. With the cache (p.cache != "off") the images of every split are
+    preprocessed once into it (8-bit rows, as the pretraining images); --cache off reads them into memory."""
     if not p.data:
         if p.task not in TASKS: raise UserError(f"--task {p.task}: choose one of {list(TASKS)}")
-        bounds = np.cumsum([0, p.n_train, p.n_val, p.n_test])
-        return {s: synth_batch(range(bounds[i], bounds[i + 1]), size, 1, p.task)
-                for i, s in enumerate(("train", "val", "test"))}, TASKS[p.task]
-    if not os.path.isdir(p.data): raise UserError(f"--data {p.data}: no such directory")
-    root, recs = p.data, {}
+        bounds, names = np.cumsum([0, p.n_train, p.n_val, p.n_test]), ("train", "val", "test")
+        labels = synth_labels(range(bounds[-1]), p.task)
+        if p.cache == "off":
+            made = [synth_batch(range(bounds[i], bounds[i + 1]), size, 1, p.task) for i in range(3)]
+            return {s: Split(in_memory(x, f), y) for s, (x, f, y) in zip(names, made)}, TASKS[p.task]
+        params = dict(side=size, n=int(bounds[-1]), seed=1, task=p.task)
+        cache = open_cache(cache_folder(p.cache, "synthetic", p.task, params), params, list(range(bounds[-1])),
+                           list(range(bounds[-1])), (1, p.task))
+        return {s: Split(lambda rows, lo=bounds[i]: cache.get(rows + lo), labels[bounds[i]:bounds[i + 1]])
+                for i, s in enumerate(names)}, TASKS[p.task]
+    recs, classes = probe_records(p.data)
+    out = {}
+    for split, rs in recs.items():
+        if any(not os.path.exists(r[0]) for r in rs):
+            raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
+    if p.cache == "off":
+        for split, rs in recs.items():
+            pairs = [load_image(f, size, mp, i) for f, _, mp, i in rs]
+            imgs, fans = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+            out[split] = Split(in_memory(imgs, fans), [r[1] for r in rs])
+        return out, classes
+    root = os.path.realpath(p.data)
+    items = sorted({(f, i, mp) for rs in recs.values() for f, _, mp, i in rs}, key=str)  # one cache, all splits
+    params = dict(side=size, root=root, probe=True)
+    cache = open_cache(cache_folder(p.cache, "probe", root, params), params, items,
+                       [stat_key(root, *it) for it in items])
+    row = {it: r for r, it in enumerate(items)}
+    if cache.bad:  # a probe needs every one of its images: a broken one is an error
+        r = min(cache.bad)
+        frame = f" frame {items[r][1]}" if items[r][1] is not None else ""
+        raise UserError(f"cannot use probe image {items[r][0]}{frame}: {cache.bad[r]}")
+    for split, rs in recs.items():
+        rows = np.array([row[(f, i, mp)] for f, _, mp, i in rs], np.int64)
+        out[split] = Split(lambda r, rows=rows: cache.get(rows[r]), [r[1] for r in rs])
+    return out, classes
+
+
+def stat_key(root, path, frame, mask):
+    """What identifies a probe item's content: its image's and its mask's path, size and mtime, and the frame."""
+    key = [os.path.relpath(path, root), frame]
+    for f in (path, mask):
+        st = os.stat(f) if f else None
+        key += [st.st_size, st.st_mtime_ns] if st else [None, None]
+    return key + [os.path.relpath(mask, root) if mask else None]
+
+
+def probe_records(root):
+    """-> {split: [(image path, label, mask path or None, frame or None)]} and the class names, from an
+    UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*)."""
+    if not os.path.isdir(root): raise UserError(f"--data {root}: no such directory")
+    recs = {}
     ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1 (PyPI)
     if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout: val carved below
         ub = {"train": "train_val.json", "test": "test.json"}
@@ -646,11 +717,4 @@ def probe_data(p, size):
         cut = max(1, len(perm) // 10)
         recs["val"] = [recs["train"][i] for i in perm[:cut]]
         recs["train"] = [recs["train"][i] for i in perm[cut:]]
-    out = {}
-    for split, rs in recs.items():
-        if any(not os.path.exists(r[0]) for r in rs):
-            raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
-        pairs = [load_image(f, size, mp, i) for f, _, mp, i in rs]
-        out[split] = (torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]),
-                      torch.tensor([r[1] for r in rs]))
-    return out, classes
+    return recs, classes

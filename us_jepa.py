@@ -111,6 +111,7 @@ class ProbeConfig:
     corrupt: str = ""               # robustness: also test on corrupted images, e.g. blur,contrast,speckle (paper)
     severity: str = "1,2,3"         # corruption severities (paper)
     out: str = ""                   # result JSON; "" = probe_<task>.json beside the checkpoint
+    cache: str = ""                 # preprocessing cache folder ("" = $US_JEPA_CACHE or ~/.cache/us_jepa); off = none
     threads: int = 0                # torch CPU threads, 0 = torch's default
 
 @dataclass
@@ -758,6 +759,17 @@ def encode(vit, imgs, batch=256, layers=1, tokens=False):
     return torch.cat([o if tokens else o.mean(1) for o in out])
 
 
+def features(split, fn, corruption=(None, 0)):
+    """fn(imgs, fans) -> (b, F) over a probe split, batch by batch (only features are held); corruption
+    (kind, severity) corrupts each batch first, seeded by its first row (the same images whatever runs)."""
+    out = []
+    for i, imgs, fans in split.batches():
+        if corruption[0]:
+            imgs = corrupt(imgs, fans, *corruption, seed=i)
+        out.append(fn(imgs, fans))
+    return torch.cat(out)
+
+
 def pixel_features(imgs, fans):
     """Trivial features: a 32-bin intensity histogram inside the fan + 16x16 downsampled pixels. (N, 288)"""
     hist = torch.stack([torch.histc(x[f], 32, 0, 1) / f.sum().clamp(min=1) for x, f in zip(imgs, fans)])
@@ -836,25 +848,28 @@ def run_probe(p):
     if not all(0 < f <= 100 for f in fracs) or not all(e > 0 for e in sev) or set(kinds) - set(CORRUPTIONS):
         raise UserError("--fractions in (0, 100], --severity > 0, --corrupt from blur,contrast,speckle")
     data, classes = probe_data(p, size)
-    print(f"[probe] {p.data or p.task}: {', '.join(f'{s} {len(v[2])}' for s, v in data.items())} images; "
+    print(f"[probe] {p.data or p.task}: {', '.join(f'{s} {len(v)}' for s, v in data.items())} images; "
           f"classes {classes}; {p.seeds} seeds")
-    labels = {s: v[2] for s, v in data.items()}
-    for kind in kinds:  # robustness: the probe is trained on clean features and scored on corrupted test images
-        for e in sev:
-            data[f"test/{kind}/{e:g}"] = (corrupt(*data["test"][:2], kind, e), data["test"][1], labels["test"])
+    labels = {s: v.labels for s, v in data.items()}
+    views = {s: (s, None, 0) for s in data}  # robustness: the probe is trained on clean features and scored on
+    views.update({f"test/{c}/{e:g}": ("test", c, e) for c in kinds for e in sev})  # corrupted test images
+    for s in views:
+        labels[s] = labels[views[s][0]]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the probe encodes on the GPU if any
     results = {}
     for name in names:
         tic = time.time()
         if name == "pixels":
-            feats = {s: pixel_features(v[0], v[1]) for s, v in data.items()}
+            feats = {s: features(data[v[0]], pixel_features, v[1:]) for s, v in views.items()}
         else:
             if name == "random": torch.manual_seed(0)
             src = ck["teacher"] if name == "teacher" else ck
             vit = build_encoder(src["config"], None if name == "random" else src["model"], p.ckpt)
             if vit.grid * vit.patch_size != size: raise UserError(f"{p.ckpt}: teacher and student sizes differ")
             if p.layers > len(vit.blocks): raise UserError(f"--layers {p.layers}: the {name} has {len(vit.blocks)}")
-            feats = {s: encode(vit, v[0], layers=p.layers, tokens=p.head == "attentive")  # computed once,
-                     for s, v in data.items()}  # shared by all seeds
+            vit = vit.to(device)
+            enc = lambda x, f: encode(vit, x.to(device), layers=p.layers, tokens=p.head == "attentive").cpu()  # noqa
+            feats = {s: features(data[v[0]], enc, v[1:]) for s, v in views.items()}  # once, for all seeds
         runs = [fit_probe(feats, labels, len(classes), seed, p) for seed in range(p.seeds)]
         few_shot = {f"{f:g}": mean_std([fit_probe(feats, labels, len(classes), seed, p, stratified(
             labels["train"].numpy(), f, seed))["macro_f1"] for seed in range(p.seeds)]) for f in fracs}

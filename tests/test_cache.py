@@ -202,3 +202,25 @@ def test_ddp_ranks_share_one_cache(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("building") == 1 and "2 steps of 8 on 2 x cpu" in r.stdout
     assert len(os.listdir(tmp_path / "c")) == 1
+
+
+def test_probe_splits_come_from_the_cache(tmp_path, capsys):
+    """An ImageFolder probe: built once, mapped the second time; rows = --cache off's images at 8-bit steps."""
+    root = tmp_path / "folder"
+    for split, seed in (("train", 0), ("test", 40)):
+        for c, cls in enumerate(("a", "b")):
+            write_scans(root / split / cls, 6, seed=seed + 10 * c)
+    import us_jepa as U
+    p = U.ProbeConfig(data=str(root), cache=str(tmp_path / "c"))
+    cached, classes = D.probe_data(p, 64)
+    assert "building" in capsys.readouterr().out
+    D.probe_data(p, 64)
+    assert "building" not in capsys.readouterr().out
+    off, _ = D.probe_data(U.ProbeConfig(data=str(root), cache="off"), 64)
+    for s in ("train", "val", "test"):
+        assert torch.equal(cached[s].labels, off[s].labels)
+        (_, a, fa), (_, b, fb) = next(cached[s].batches()), next(off[s].batches())
+        assert torch.equal(a, (b * 255).round() / 255) and torch.equal(fa, fb)
+    (root / "test" / "a" / "scan_0041.png").write_bytes(b"broken")
+    with pytest.raises(D.UserError, match="cannot use probe image .*scan_0041.png: cannot read image"):
+        D.probe_data(p, 64)

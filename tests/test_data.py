@@ -118,7 +118,7 @@ def test_trivial_features_stay_near_chance(task):
     a linear probe on an intensity histogram + 16x16 pixels must stay within chance + 0.15 (macro-F1)."""
     p = U.ProbeConfig(task=task, n_train=900, n_val=300, n_test=600, epochs=60, patience=10)
     data, classes = D.probe_data(p, 96)
-    feats = {s: U.pixel_features(v[0], v[1]) for s, v in data.items()}
-    labels = {s: v[2] for s, v in data.items()}
+    feats = {s: U.features(v, U.pixel_features) for s, v in data.items()}
+    labels = {s: v.labels for s, v in data.items()}
     f1 = np.mean([U.fit_probe(feats, labels, len(classes), seed, p)["macro_f1"] for seed in range(2)])
     assert f1 <= 1 / len(classes) + 0.15, f1

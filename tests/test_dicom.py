@@ -141,8 +141,8 @@ def test_probe_imagefolder_with_a_cine(us_dir, tmp_path):
             (root / split / cls).mkdir(parents=True)
             for f in files: shutil.copy(us_dir / f, root / split / cls)
     data, classes = D.probe_data(U.ProbeConfig(data=str(root)), 64)
-    assert classes == ["a", "b"] and len(data["test"][2]) == 32 and data["test"][2].tolist().count(0) == 30
-    assert len(data["train"][2]) + len(data["val"][2]) == 32 and data["test"][0].shape == (32, 1, 64, 64)
+    assert classes == ["a", "b"] and len(data["test"]) == 32 and data["test"].labels.tolist().count(0) == 30
+    assert len(data["train"]) + len(data["val"]) == 32 and next(data["test"].batches())[1].shape == (32, 1, 64, 64)
 
 
 def test_without_pydicom_one_clear_line(tmp_path, monkeypatch, capsys):
