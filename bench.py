@@ -13,6 +13,7 @@ and the models; kernels/ itself imports nothing of the method."""
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -184,7 +185,118 @@ def bench_kernels(argv):
         print(f"{label:34} {str(c):8} {name:8} {ips:8.1f} {fmt_mb(mb)} {mfu:6.1%}")
 
 
-BENCHES = {"kernels": bench_kernels}
+# ----------------------------------------------------------------------------------------------------
+# `data`: real-data input at training speed (issue 10). A folder of N realistic scans (640 x 480 8-bit PNGs:
+# a sector fan from the built-in simulator, burnt-in text and a depth scale touching it), then: the cache
+# build on 1 and 2 processes, its size, training images/s with the cache, with --cache off and on the
+# built-in synthetic images, peak RSS of each run, and the loader rate alone (slice + augment, one process).
+
+def write_scans(folder, n, seed=0):
+    """n 640 x 480 PNGs: 64 simulated sectors, each flipped / shifted / brightened, with text and ticks."""
+    from PIL import Image, ImageDraw, ImageFont
+    import us_data as D
+    os.makedirs(folder, exist_ok=True)
+    base = D.synth_batch(range(64), 448, 7, "lesion3")[0][:, 0].numpy()  # (64, 448, 448) sector and linear
+    font = ImageFont.load_default(size=14)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        frame = np.zeros((480, 640), np.float32)
+        x0 = int(rng.integers(40, 150))
+        img = base[i % 64][:, ::-1] if rng.random() < 0.5 else base[i % 64]
+        frame[20:468, x0:x0 + 448] = img * rng.uniform(0.7, 1.0)
+        im = Image.fromarray((frame * 255).astype(np.uint8))
+        d = ImageDraw.Draw(im)
+        d.text((x0 + 150, 8), f"US-JEPA {i:05d} FR {rng.integers(15, 60)}Hz", fill=230, font=font)
+        for k in range(8):  # a depth scale with ticks, drawn at the fan's right edge
+            d.line([(x0 + 440, 40 + 52 * k), (x0 + 456, 40 + 52 * k)], fill=200, width=2)
+        d.text((x0 + 460, 30), f"{rng.integers(3, 16)} cm", fill=220, font=font)
+        im.save(os.path.join(folder, f"scan_{i:05d}.png"), compress_level=1)
+
+
+def run_child(args, env=None):
+    """A pretrain run in a fresh process -> (training img/s from its done line, peak RSS in MB, seconds)."""
+    code = ("import resource, sys; sys.argv = ['us_jepa.py'] + sys.argv[1:]; import us_jepa as U\n"
+            "try: U.main(sys.argv[1:])\n"
+            "finally: print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)")
+    tic = time.time()
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env=dict(os.environ, **(env or {})), cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        sys.exit(f"bench data: the run failed: {r.stderr.strip().splitlines()[-1]}")
+    rate = float(r.stdout.split(" img/s in training steps")[0].split()[-1])
+    rss = int(r.stdout.split("maxrss ")[-1].split()[0]) / 1024
+    return rate, rss, time.time() - tic
+
+
+def bench_data(argv):
+    import shutil
+    import tempfile
+    import us_data as D
+    ap = argparse.ArgumentParser(prog="bench.py data", description="the preprocessing cache and real-data speed")
+    ap.add_argument("--n", default="1000,20000", help="folder sizes (comma-separated)")
+    ap.add_argument("--steps", type=int, default=60, help="student steps per training run (batch 64)")
+    ap.add_argument("--dir", default="", help="scratch folder (default: a temporary one, removed at the end)")
+    a = ap.parse_args(argv)
+    work = a.dir or tempfile.mkdtemp(prefix="us_jepa_bench_")
+    env = {"US_JEPA_CACHE": os.path.join(work, "cache")}
+    os.environ.update(env)  # this process's loader measurement below uses the same cache
+    os.makedirs(work, exist_ok=True)
+    teacher = os.path.join(work, "teacher")  # one small teacher for every student run
+    if not os.path.exists(os.path.join(teacher, "best.pt")):
+        run_child(["teacher", "--steps", "10", "--n_images", "1000", "--out", teacher], env)
+    tflags = ["--teacher", os.path.join(teacher, "best.pt"), "--steps", str(a.steps), "--log_every",
+              str(a.steps), "--eval_every", str(10 * a.steps), "--holdout", "0"]
+    rows = []
+    rate, rss, _ = run_child(["pretrain", *tflags, "--n_images", "6000", "--out", os.path.join(work, "syn")], env)
+    rows.append(("built-in synthetic (cache)", "", rate, rss))
+    rate, rss, _ = run_child(["pretrain", *tflags, "--n_images", "6000", "--cache", "off",
+                              "--out", os.path.join(work, "syn_off")], env)
+    rows.append(("built-in synthetic (--cache off)", "", rate, rss))
+    print(f"cores {len(os.sched_getaffinity(0))} | torch {torch.__version__} | scratch {work}\n")
+    print(f"{'files':>6} {'procs':>5} {'build s':>8} {'img/s':>7} {'cache MB':>9} {'files MB':>9}")
+    for n in [int(x) for x in a.n.split(",")]:
+        data = os.path.join(work, f"scans_{n}")
+        if not os.path.isdir(data) or len(os.listdir(data)) != n:
+            write_scans(data, n)
+        size = sum(os.path.getsize(os.path.join(data, f)) for f in os.listdir(data)) / 2**20
+        root = os.path.realpath(data)
+        params = dict(side=96, root=root, every=1)
+        for procs in (1, 2):
+            folder = D.cache_folder(env["US_JEPA_CACHE"], "files", root, params)
+            shutil.rmtree(folder, ignore_errors=True)
+            items, keys = D.file_items(root, 1, folder, params)
+            tic = time.time()
+            D.open_cache(folder, params, items, keys, procs=procs, say=lambda *a, **k: None)
+            sec = time.time() - tic
+            mb = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2**20
+            print(f"{n:>6} {procs:>5} {sec:>8.1f} {n / sec:>7.0f} {mb:>9.1f} {size:>9.0f}", flush=True)
+        rate, rss, _ = run_child(["pretrain", *tflags, "--data", data, "--out", os.path.join(work, f"f{n}")], env)
+        rows.append((f"{n} files (cache)", n, rate, rss))
+        if n <= 1000:  # --cache off decodes every drawn image: minutes per run at this size already
+            rate, rss, _ = run_child(["pretrain", *tflags, "--data", data, "--cache", "off",
+                                      "--out", os.path.join(work, f"f{n}_off")], env)
+            rows.append((f"{n} files (--cache off)", n, rate, rss))
+    print(f"\n{'student pretrain, demo size, ' + str(a.steps) + ' steps of 64':44} {'img/s':>7} {'% synth':>8} "
+          f"{'peak RSS MB':>12}")
+    for name, _, rate, rss in rows:
+        print(f"{name:44} {rate:>7.0f} {100 * rate / rows[0][2]:>7.0f}% {rss:>12.0f}")
+    # The loader alone: what one DataLoader worker delivers (slice the cache + augment + masks), no model.
+    import us_jepa as U
+    cfg = U.parse_config("pretrain", ["--data", os.path.join(work, f"scans_{a.n.split(',')[0]}")])
+    images = D.Images(cfg["data"], 0)
+    steps = U.Steps(images, len(images), cfg, cfg["data"].img_size // 16)
+    torch.set_num_threads(1)
+    steps[0]
+    tic = time.time()
+    for s in range(1, 21):
+        steps[s]
+    print(f"\nloader alone (1 process, 1 thread): {20 * 64 / (time.time() - tic):.0f} images/s "
+          "(slice + augment + masks)")
+    if not a.dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+BENCHES = {"kernels": bench_kernels, "data": bench_data}
 
 
 def main(argv=None):
