@@ -295,7 +295,8 @@ def read_dicom(path, frame=None, count=False):
     try:
         if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
         else: a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
-    except Exception as e: raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
+    except Exception as e:
+        raise UserError(f"cannot read DICOM {path}{_syntax(path, count)}: {' '.join(str(e).split())}") from None
     if count: return int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
     if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
     if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
@@ -304,6 +305,20 @@ def read_dicom(path, frame=None, count=False):
     # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
     # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
     return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
+
+
+def _syntax(path, count):
+    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line: which decoder
+    is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS and JPEG 2000); '' when
+    only the header was read or it does not parse either."""
+    if count:
+        return ""
+    try:
+        import pydicom
+        uid = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    except Exception:
+        return ""
+    return f" (transfer syntax {uid.name} {uid})" if uid.name != str(uid) else f" (transfer syntax {uid})"
 
 
 def load_image(path, size, mask_path=None, frame=None):
