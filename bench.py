@@ -2,6 +2,8 @@
 
     python bench.py kernels                 # fused ops + a pretrain step: on the GPU if there is one
     python bench.py kernels --device cpu --quick
+    python bench.py fan                     # us_data.fan_mask ms per frame, one thread
+    python bench.py fan --module OLD.py     # the same frames through another file's fan_mask
 
 `kernels`: per op, forward + backward at the paper's shapes (B=128, N=196, D=768; 4 target masks of 18 tokens; a
 context of 96 tokens) plus a smaller (the CPU demo: B=64, N=36, D=192) and a larger size (B=256, D=1024):
@@ -296,7 +298,53 @@ def bench_data(argv):
         shutil.rmtree(work, ignore_errors=True)
 
 
-BENCHES = {"kernels": bench_kernels, "data": bench_data}
+def fan_frames():
+    """Realistic frames for fan_mask: synthetic sector scans with burnt-in text in the margin beside
+    the fan and a scale bar with ticks, at 96 x 96, 224 x 224 and 640 x 480 (a 420 px scan in a
+    scanner-like frame)."""
+    from PIL import Image, ImageDraw, ImageFont
+    import us_data as D
+    frames = {}
+    for name, size, (py, px) in (("96x96", 96, (0, 0)), ("224x224", 224, (0, 0)),
+                                 ("640x480", 420, (30, 110))):
+        imgs, fans, _ = D.synth_batch(range(8), size)
+        widths = fans[:, 0].sum(2)  # a sector widens with depth; take the first one
+        i = next(j for j in range(8) if widths[j, widths[j] > 0][0] < 0.8 * widths[j, -1])
+        a = np.pad(imgs[i, 0].numpy() / float(imgs[i].max()), ((py, py), (px, px)))
+        im = Image.fromarray((a * 255).astype(np.uint8))
+        draw, h, w = ImageDraw.Draw(im), a.shape[0], a.shape[1]
+        font = ImageFont.load_default(size=max(8, h // 30))
+        draw.text((2, 2), "MI 1.1 TIS 0.7", fill=255, font=font)
+        draw.line([(w - 4, h // 4), (w - 4, 3 * h // 4)], fill=255)
+        for y in range(h // 4, 3 * h // 4, max(4, h // 40)):
+            draw.line([(w * 3 // 4, y), (w - 4, y)], fill=200)  # ticks reaching into the fan's side
+        frames[name] = np.asarray(im, np.float32) / 255
+    return frames
+
+
+def bench_fan(argv):
+    ap = argparse.ArgumentParser(prog="bench.py fan", description="fan_mask ms per frame, 1 thread")
+    ap.add_argument("--reps", type=int, default=50, help="timed calls per size (median)")
+    ap.add_argument("--module", help="time this .py file's fan_mask (e.g. an older us_data.py)")
+    a = ap.parse_args(argv)
+    if a.module:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("fan_module", a.module)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    else:
+        import us_data as mod
+    torch.set_num_threads(1)  # a DataLoader worker's share
+    print(f"fan_mask of {a.module or 'us_data.py'} | torch {torch.__version__} | threads 1 | "
+          f"median of {a.reps}")
+    print(f"{'frame':9} {'ms':>8} {'fan %':>6}")
+    for name, img in fan_frames().items():
+        assert img.shape[::-1] == tuple(map(int, name.split("x"))), (name, img.shape)
+        ms = timeit(lambda: mod.fan_mask(img), "cpu", a.reps)
+        print(f"{name:9} {ms:8.2f} {100 * mod.fan_mask(img).mean():6.1f}")
+
+
+BENCHES = {"kernels": bench_kernels, "data": bench_data, "fan": bench_fan}
 
 
 def main(argv=None):

@@ -168,30 +168,125 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 COLOUR = 0.1  # a pixel is burnt-in colour if max(R,G,B) - min(R,G,B) > 10 % of full scale (ours; see read_dicom)
+# fan_mask's levels, fractions of the frame's maximum (ours: UltraBench states none).
+FAN_LEVEL = 0.02  # above it a pixel may be ultrasound
+TEXT_LEVEL = 0.25  # above it a thin structure counts as burnt-in text, a caliper or a bar
+_ANGLES = np.linspace(0, 2 * np.pi, 180, endpoint=False)  # the hull's directions, 2 degrees apart
+_COS, _SIN = np.cos(_ANGLES), np.sin(_ANGLES)
 
-def fan_mask(a, colour=None):
-    """Valid-ultrasound pixels of a gray image (H, W) in [0, 1], when no mask file is given. Not stated in the
-    paper; as UltraBench: threshold, keep the largest connected component (4-neighbours), fill its convex hull.
-    colour (H, W) bool: burnt-in colour pixels; grid cells holding any join no component (ours, below)."""
-    c = np.zeros_like(a) if colour is None else colour.astype(a.dtype)
-    s = max(1, max(a.shape) // 64)  # label components on a <= 64 px grid: cheap and enough for a fan outline
-    small = F.max_pool2d(torch.from_numpy(np.stack([a, c]))[None], s, s, ceil_mode=True)[0]  # (2, h, w)
-    # Colour cells are walls, not just dark: a thin coloured band (Philips' blue header) then keeps its white text
-    # apart from the fan. Colour Doppler inside the fan still counts as fan: it leaves holes the hull fills.
-    m = np.pad(((small[0] > 0.02) & (small[1] == 0)).numpy(), 1)  # (h+2, w+2) bool
-    lab = np.where(m, np.arange(m.size).reshape(m.shape) + 1, 0)  # the zero border stops np.roll wrapping around
-    for _ in range(m.size):  # min-label propagation over 4-neighbours until stable = connected components
-        nb = np.stack([lab, np.roll(lab, 1, 0), np.roll(lab, -1, 0), np.roll(lab, 1, 1), np.roll(lab, -1, 1)])
-        new = np.where(m, np.where(nb > 0, nb, m.size + 1).min(0), 0)
-        if (new == lab).all(): break
-        lab = new
-    if not m.any(): return np.ones_like(a, dtype=bool)
-    m = (lab == np.bincount(lab[m]).argmax())[1:-1, 1:-1]
-    # Convex hull = intersection of the half-planes u.x <= max over the component of u.x, one per direction u;
-    # 180 directions (1 degree apart) overshoot the exact hull by < 1e-4 of its size (well under a pixel).
-    ang = np.linspace(0, 2 * np.pi, 180, endpoint=False)
-    u, rc = np.stack([np.cos(ang), np.sin(ang)]), np.indices(m.shape).reshape(2, -1).T  # (2, 180), (h*w, 2)
-    m = (rc @ u <= (rc[m.ravel()] @ u).max(0) + 1e-6).all(1).reshape(m.shape)
+
+def _runs(x, k, axis, op):
+    """op (np.logical_and / np.logical_or) over every run of k consecutive values along axis:
+    length n - k + 1. By doubling: ~log2(k) whole-array operations, not k."""
+    x = np.moveaxis(x, axis, 0)
+    w = 1
+    while 2 * w <= k:
+        x = op(x[:-w], x[w:])
+        w *= 2
+    if w < k:  # two overlapping runs of w cover the k
+        x = op(x[: len(x) - (k - w)], x[k - w:])
+    return np.moveaxis(x, 0, axis)
+
+
+def _opening(t, k):
+    """Pixels of t (H, W) bool covered by a k x k square that lies wholly in t and in the image (a
+    morphological opening): strokes, lines and dots narrower than k vanish; whatever holds such a
+    square keeps its exact outline."""
+    full = _runs(_runs(t, k, 0, np.logical_and), k, 1, np.logical_and)  # square at (i, j) all in t
+    full = np.pad(full, k - 1)  # a pixel is covered by squares starting up to k - 1 before it
+    return _runs(_runs(full, k, 0, np.logical_or), k, 1, np.logical_or)
+
+
+def _dilate(x, r):
+    """x (H, W) bool grown by r px in all 8 directions (a (2r+1)-square)."""
+    k = 2 * r + 1
+    return _runs(_runs(np.pad(x, r), k, 0, np.logical_or), k, 1, np.logical_or)
+
+
+def _any_cells(t, s):
+    """(H, W) bool -> (ceil(H/s), ceil(W/s)): does the s x s cell hold any True. Max pooling with
+    partial cells at the bottom and right, as F.max_pool2d(ceil_mode=True)."""
+    h, w = -(-t.shape[0] // s), -(-t.shape[1] // s)
+    t = np.pad(t, ((0, h * s - t.shape[0]), (0, w * s - t.shape[1])))
+    return t.reshape(h, s, w * s).any(1).reshape(h, w, s).any(2)
+
+
+def _largest_component(m):
+    """The largest 4-connected component of m (h, w) bool; ties: the one that starts first in
+    row-major order. Union-find with pointer jumping, vectorised: each round hooks every root to the
+    smallest root it touches through an edge, then flattens the trees. Rounds grow like the log of
+    a component's size, not with its diameter (a per-pixel label sweep needs a diameter of them)."""
+    idx = np.arange(m.size).reshape(m.shape)
+    right, down = m[:, :-1] & m[:, 1:], m[:-1] & m[1:]  # edges between foreground neighbours
+    a = np.concatenate([idx[:, :-1][right], idx[:-1][down]])
+    b = np.concatenate([idx[:, 1:][right], idx[1:][down]])
+    parent = np.arange(m.size)
+    while True:
+        pa, pb = parent[a], parent[b]  # roots: the trees are flat after every round
+        cross = pa != pb
+        if not cross.any():
+            break
+        lo, hi = np.minimum(pa[cross], pb[cross]), np.maximum(pa[cross], pb[cross])
+        np.minimum.at(parent, hi, lo)  # roots only ever point to smaller indices: no cycles
+        while True:  # pointer jumping until every pixel points at its root
+            up = parent[parent]
+            if (up == parent).all():
+                break
+            parent = up
+    root = parent.reshape(m.shape)  # the smallest flat index of each component
+    return m & (root == np.bincount(root[m]).argmax())
+
+
+def _hull(m):
+    """Convex hull of m (h, w) bool as the intersection of 180 half-planes r cos + c sin <= its max
+    over m, one per direction (they overshoot the exact hull by < 2e-4 of its size, well under a
+    cell). Solved row by row: a row of the hull is the interval of columns that meets every
+    half-plane, and only a row's first and last pixel of m can attain a maximum."""
+    h, w = m.shape
+    rows = np.flatnonzero(m.any(1))
+    first, last = m[rows].argmax(1), w - 1 - m[rows, ::-1].argmax(1)
+    r = np.concatenate([rows, rows]).astype(np.float64)[:, None]
+    c = np.concatenate([first, last]).astype(np.float64)[:, None]
+    top = (r * _COS + c * _SIN).max(0) + 1e-6  # (180,)
+    room = top - np.arange(h, dtype=np.float64)[:, None] * _COS  # (h, 180): need c sin <= room
+    with np.errstate(divide="ignore"):
+        bound = room / _SIN  # angle 0 (sin = 0) bounds rows (room >= 0), not columns
+    lo = np.where(_SIN < 0, bound, -np.inf).max(1, keepdims=True)
+    hi = np.where(_SIN > 0, bound, np.inf).min(1, keepdims=True)
+    cols = np.arange(w)
+    return (room[:, _SIN == 0] >= 0).all(1, keepdims=True) & (cols >= lo) & (cols <= hi)
+
+
+def fan_mask(a, colour=None, thin=None):
+    """Valid-ultrasound pixels of a gray image (H, W) in [0, 1], when no mask file is given. Not
+    stated in the paper; as UltraBench: threshold, keep the largest connected component
+    (4-neighbours), fill its convex hull. colour (H, W) bool: burnt-in colour pixels; grid cells
+    holding any join no component (ours, below). thin (px): bright structures that hold no
+    thin x thin square (text, calipers, scale bars, ticks) are dropped before labelling (ours,
+    below); None: sized from the image; 0: off, the plain rule."""
+    s = max(1, max(a.shape) // 64)  # label on a <= 64 px grid: cheap, enough for a fan outline
+    t = a > FAN_LEVEL
+    if colour is not None:
+        t &= ~colour
+    # Text, calipers, scale bars and ticks that touch the fan would join it, and the hull would wrap
+    # them. They are thin and bright, while speckle is solid at FAN_LEVEL: a bright pixel that no
+    # thin x thin square of above-level pixels covers is an annotation, dropped with its 1-px
+    # anti-aliasing fringe. Dim sparse speckle (faint tissue at the fan's edge) holds no square
+    # either but is not bright: it stays. At full resolution, since on the <= 64 px grid a line of
+    # text is a solid block. thin = a grid cell + 3 px (ours): the smallest that removes the GE
+    # example's header at 320 x 240 (blurred 2-px strokes); 13 px at 640 x 480, 6 at 224.
+    thin = s + 3 if thin is None else thin
+    if thin > 1:
+        t &= ~_dilate((a > TEXT_LEVEL) & ~_opening(t, thin), 1)
+    m = _any_cells(t, s)
+    # Colour cells are walls, not just dark: a thin coloured band (Philips' blue header) then keeps
+    # its white text apart from the fan. Colour Doppler inside the fan still counts as fan: it
+    # leaves holes the hull fills.
+    if colour is not None:
+        m &= ~_any_cells(colour, s)
+    if not m.any():
+        return np.ones_like(a, dtype=bool)
+    m = _hull(_largest_component(m))
     return np.repeat(np.repeat(m, s, 0), s, 1)[: a.shape[0], : a.shape[1]]
 
 
@@ -214,7 +309,8 @@ def read_dicom(path, frame=None, count=False):
     try:
         if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
         else: a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
-    except Exception as e: raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
+    except Exception as e:
+        raise UserError(f"cannot read DICOM {path}{_syntax(path, count)}: {' '.join(str(e).split())}") from None
     if count: return int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
     if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
     if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
@@ -223,6 +319,20 @@ def read_dicom(path, frame=None, count=False):
     # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
     # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
     return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
+
+
+def _syntax(path, count):
+    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line: which decoder
+    is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS and JPEG 2000); '' when
+    only the header was read or it does not parse either."""
+    if count:
+        return ""
+    try:
+        import pydicom
+        uid = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    except Exception:
+        return ""
+    return f" (transfer syntax {uid.name} {uid})" if uid.name != str(uid) else f" (transfer syntax {uid})"
 
 
 def read_image(path, frame=None, mask_path=None):

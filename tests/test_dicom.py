@@ -34,9 +34,9 @@ def us_dir(pydicom, tmp_path):
 
 
 def masks(path, frame=None):
-    """Gray frame, its colour pixels, and its fan mask with and without the colour rule (native size)."""
+    """Gray frame, its colour pixels, its fan mask, and the plain rule's (no colour, no text rule)."""
     g, c = D.read_dicom(str(path), frame)
-    return g, c, D.fan_mask(g / g.max(), c), D.fan_mask(g / g.max())
+    return g, c, D.fan_mask(g / g.max(), c), D.fan_mask(g / g.max(), thin=0)
 
 
 def test_pydicom_ships_these_ultrasound_examples(pydicom):
@@ -89,10 +89,20 @@ def test_fan_masks_on_the_real_frames(us_dir):
     g, c, m, m0 = masks(us_dir / "examples_palette.dcm")
     assert m[110, 460] and not m[:60].any() and not m[:, :300].any() and 0.05 < m.mean() < 0.15
     assert m0[:60].any() and m0.mean() > 3 * m.mean()
-    # GE: colour Doppler inside the fan counts as fan; the annotations below the fan stay out. (The white header
-    # text 3 px above the fan joins it: the <= 64 px labelling grid, as with any gray image; not a colour issue.)
+    # GE: colour Doppler inside the fan counts as fan; the annotations below the fan stay out.
     g, c, m, m0 = masks(us_dir / "examples_rgb_color.dcm")
     assert c[60:170, 40:280].sum() > 3000 and m[60:170, 40:280][c[60:170, 40:280]].all() and not m[175:].any()
+    # The scan is rows 54-169, columns 7-311. The white header text (rows 4-51) ends 3 px above it and joined it
+    # under the plain rule; the text rule drops it: the mask starts at the 5-px grid cell of row 54 (row 50). The
+    # gray bars (columns 4-8 and 312-316, rows 76-108) beside the colour bars and the tick marks (columns 0-3)
+    # are thinner than the 8-px square: out, but for the grid cells they share with the scan (columns 5-314).
+    assert m0[:50].any() and m0[:, :5].any() and m[55:165, 10:305].all()
+    assert not m[:50].any() and not m[:, :5].any() and not m[:, 315:].any()
+    text = (g[:52] > 0.02 * g.max()) & ~c[:52]
+    assert text.sum() > 2000 and (m[:52] & text).sum() < 0.05 * text.sum()
+    g2, c2, m2, _ = masks(us_dir / "examples_jpeg2k.dcm")  # the same frame at 640 x 480: the same, doubled
+    assert not m2[:100].any() and not m2[:, :10].any() and not m2[:, 630:].any() and m2[110:330, 20:610].all()
+    assert m2[120:340, 80:560][c2[120:340, 80:560]].all()
     # load_image applies the same rule: at 800 px the Philips frame is only padded (225 rows above and below)
     img, fan = D.load_image(str(us_dir / "examples_palette.dcm"), 800)
     g, c, m, m0 = masks(us_dir / "examples_palette.dcm")
