@@ -487,9 +487,7 @@ def _fill(job):
     """One build job, in a worker process: preprocess rows lo..lo+len(items) into the new arrays (mapped r+).
     -> [(row, h, w, why it is bad or "")]"""
     folder, names, side, lo, items, synth = job
-    torch.set_num_threads(1)  # the build's parallelism is its processes
     imgs, fans = (np.load(os.path.join(folder, n), mmap_mode="r+") for n in names)
-    out = []
     if synth:  # items: indices of the synthetic pool, made in one batch: (seed, task) in synth
         x, f, _ = synth_batch(items, side, *synth)
         x, f, shapes = x[:, 0], f[:, 0], [("", side, side)] * len(items)
@@ -604,7 +602,10 @@ def _build(folder, params, items, keys, synth, procs, old, why, say):
                 start = t
     procs = procs or len(os.sched_getaffinity(0))
     tic, done, last = time.time(), 0, 0.0
-    pool = ProcessPoolExecutor(procs, multiprocessing.get_context("fork")) if procs > 1 and len(jobs) > 1 else None
+    pool = None  # the build's parallelism is its processes, one thread each
+    if procs > 1 and len(jobs) > 1:
+        pool = ProcessPoolExecutor(procs, multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
+                                   initargs=(1,))
     results = pool.map(_fill, jobs) if pool else map(_fill, jobs)
     try:
         for res in results:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from us_data import TASKS, UserError, Images, probe_data, synth_batch
+from us_data import UserError, Images, probe_data, synth_batch
 
 
 # ----------------------------------------------------------------------------------------------------
