@@ -423,13 +423,13 @@ def usable(items, max_bad, min_side):
     return [f for f, g in zip(items, good) if g]
 
 
-def screen(bad, n, max_bad, min_side):
+def screen(bad, n, max_bad, min_side, say=print):
     """Skip and count the unreadable or too small images; stop when they are more than a share max_bad."""
     if len(bad) > max_bad * n:
         raise UserError(f"{len(bad)} of {n} image files are unreadable or smaller than {min_side} px "
                         f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
     if bad:
-        print(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, e.g. {bad[0]}")
+        say(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, e.g. {bad[0]}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,7 +647,7 @@ class Images:
     apart from the probes'; deterministic per index) or read from files. With the cache (default) they are
     preprocessed once and sliced from memory-mapped arrays; with --cache off made on demand as they are drawn.
     Nothing is held in memory, so a corpus of any size works and DataLoader workers can build any batch."""
-    def __init__(self, d, seed, min_side=16):
+    def __init__(self, d, seed, min_side=16, say=print):
         self.d, self.seed, self.cache, self.files, self.rows = d, seed, None, None, None
         if d.cache == "off":
             self.files = usable(find_images(d.data, d.every), d.max_bad, min_side) if d.data else None
@@ -656,18 +656,18 @@ class Images:
             params = dict(side=d.img_size, n=d.n_images, seed=1000 + seed, task="lesion3")
             folder = cache_folder(d.cache, "synthetic", "lesion3", params)
             self.cache = open_cache(folder, params, list(range(d.n_images)), list(range(d.n_images)),
-                                    (1000 + seed, "lesion3"))
+                                    (1000 + seed, "lesion3"), say=say)
             return
         root = os.path.realpath(d.data)
         params = dict(side=d.img_size, root=root, every=d.every)
         folder = cache_folder(d.cache, "files", root, params)
         items, keys = file_items(root, d.every, folder, params)
-        self.cache = open_cache(folder, params, items, keys)
+        self.cache = open_cache(folder, params, items, keys, say=say)
         c = self.cache
         ok = (c.shape.min(1) >= min_side) & ~np.isin(np.arange(len(c.keys)), list(c.bad))
         bad = [os.path.join(root, c.keys[r][0]) + (f" frame {c.keys[r][1]}" if c.keys[r][1] is not None else "")
                + (f" ({c.bad[r]})" if r in c.bad else "") for r in np.flatnonzero(~ok)]
-        screen(bad, len(ok), d.max_bad, min_side)
+        screen(bad, len(ok), d.max_bad, min_side, say)
         self.rows = np.flatnonzero(ok)
 
     def __len__(self):

@@ -627,7 +627,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
                         f"{encoder.grid}x{encoder.grid}: use the teacher's --img_size and --patch_size")
     encoder, head, teacher = (x.to(device) if x is not None else None for x in (encoder, head, teacher))
 
-    images = Images(d, t.seed, m.patch_size)
+    images = Images(d, t.seed, m.patch_size, say)  # rank 0 speaks; all ranks share one cache
     n_hold = int(len(images) * d.holdout)
     n_train = len(images) - n_hold  # the last n_hold images are held out for best.pt
     if n_train < t.batch_size: raise UserError(f"{n_train} training images < --batch_size {t.batch_size}")
