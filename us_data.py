@@ -592,14 +592,8 @@ def _build(folder, params, items, keys, synth, procs, old, why, say):
             a.flush()
         shape[new] = old.shape[src]
         bad.update({i: old.bad[r] for i, r in zip(new, src) if r in old.bad})
-    chunk = 64 if synth else 16
-    jobs = []  # a job fills consecutive rows: the rows to make are cut into runs of <= chunk
-    for j in range(0, len(todo), chunk):
-        run, start = todo[j:j + chunk], 0
-        for t in range(1, len(run) + 1):
-            if t == len(run) or run[t] != run[t - 1] + 1:
-                jobs.append((folder, names, side, run[start], [items[i] for i in run[start:t]], synth))
-                start = t
+    jobs = [(folder, names, side, lo, [items[i] for i in run], synth)
+            for lo, run in _runs_of(todo, 64 if synth else 16)]
     procs = procs or len(os.sched_getaffinity(0))
     tic, done, last = time.time(), 0, 0.0
     pool = None  # the build's parallelism is its processes, one thread each
@@ -622,12 +616,28 @@ def _build(folder, params, items, keys, synth, procs, old, why, say):
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    for name in names:  # the pixels are on disk before the index that names them
-        with open(os.path.join(folder, name), "rb+") as f:
-            os.fsync(f.fileno())
     index = dict(version=CACHE_VERSION, params=params, side=side, gen=gen, images=names[0], fans=names[1],
                  built=time.strftime("%Y-%m-%d %H:%M:%S"), keys=keys, shape=shape.ravel().tolist(),
                  bad={str(r): why for r, why in sorted(bad.items())})
+    return _commit(folder, names, index)
+
+
+def _runs_of(rows, chunk):
+    """-> (first row, rows) for runs of consecutive rows, at most chunk long: a build job fills one run."""
+    for j in range(0, len(rows), chunk):
+        run, start = rows[j:j + chunk], 0
+        for t in range(1, len(run) + 1):
+            if t == len(run) or run[t] != run[t - 1] + 1:
+                yield run[start], run[start:t]
+                start = t
+
+
+def _commit(folder, names, index):
+    """Make a build the cache: arrays synced, then the index that names them replaced atomically, then
+    whatever else is in the folder (older generations, a killed build's files) removed."""
+    for name in names:  # the pixels are on disk before the index that names them
+        with open(os.path.join(folder, name), "rb+") as f:
+            os.fsync(f.fileno())
     tmp = os.path.join(folder, f"index.json.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(index, f)
