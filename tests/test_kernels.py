@@ -153,6 +153,61 @@ def test_host_checks_indices_on_cpu_always_elsewhere_on_request(monkeypatch):
     assert kernels.host_checks_indices(torch.zeros(1, dtype=torch.long, device="meta"))
 
 
+class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on each op that makes the host wait for the device: reading a value back (.item(),
+    bool(), .tolist() end in aten._local_scalar_dense) or copying a CUDA tensor to the CPU."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError(f"a host sync: {func} reads a value back")
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves((args, kwargs)))
+        if on_cuda and any(isinstance(t, torch.Tensor) and t.is_cpu for t in leaves(out)):
+            raise AssertionError(f"a host sync: {func} copies a CUDA tensor to the CPU")
+        return out
+
+
+class LaunchStub:
+    """Stands for a @triton.jit kernel: `kernel[grid](*args)` counts the launch, runs nothing."""
+    def __init__(self): self.launches = 0
+    def __getitem__(self, grid): return self
+    def __call__(self, *args, **kwargs): self.launches += 1
+
+
+@pytest.mark.skipif(kernels.why_not("triton", "cpu") is not None and not torch.cuda.is_available(),
+                    reason="triton is not importable here")
+def test_triton_host_code_does_not_sync_on_cuda(monkeypatch):
+    """The host side of the triton ops (and kernels.Ops around it), run on fake CUDA tensors
+    (FakeTensorMode: no GPU needed, and no data to read back) with the launches stubbed, makes no
+    device->host sync. Self-check: with US_JEPA_CHECK_INDICES=1, which asks for the synchronising
+    host check, the same run must fail."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from kernels import triton_ops as T
+    names = ("_gather_kernel", "_scatter_add_kernel", "_salt_kernel")
+    stubs = {name: LaunchStub() for name in names}
+    for name, stub in stubs.items():
+        monkeypatch.setattr(T, name, stub)
+    o = kernels.Ops("triton", T.gather_impl, T.salt_loss_impl)
+
+    def run():
+        with FakeTensorMode(), NoHostSync():
+            x = torch.empty(3, 13, 24, device="cuda")
+            idx = torch.empty(2, 3, 4, dtype=torch.long, device="cuda")
+            out = o.masked_gather(x, idx)
+            T.gather_backward_impl(out, idx.int(), 13)
+            o.salt_loss(torch.empty(6, 4, 24, device="cuda", dtype=torch.bfloat16), x, idx, "l1")
+
+    monkeypatch.delenv(kernels.CHECK_ENV, raising=False)
+    run()
+    assert all(stub.launches == 1 for stub in stubs.values())
+    monkeypatch.setenv(kernels.CHECK_ENV, "1")
+    # int(t) of a fake CUDA tensor stops before dispatch on a CPU build of torch, with its own error
+    caught = "host sync|not linked with support for cuda"
+    with pytest.raises((AssertionError, RuntimeError), match=caught):
+        run()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_ops_do_not_sync(ops):
     """On a GPU, every backend's ops under torch.cuda.set_sync_debug_mode('error'), which raises
