@@ -14,13 +14,48 @@ Backends (the references are us_jepa.apply_masks and us_jepa.salt_loss, in plain
     cpp     the C++ extension in csrc/, CPU (JIT-built with ninja on first use, ~10 s, then cached)
     cuda    the same extension's CUDA implementation (when torch is a CUDA build and nvcc is found)
     triton  triton_ops.py; on a GPU, or on CPU only under TRITON_INTERPRET=1 (for tests)
-This package never imports us_jepa."""
+This package never imports us_jepa.
+
+Index ranges: every backend raises "index out of range" for CPU tensors. For CUDA tensors the ops do
+not check on the host, since reading min/max back costs one device->host sync per call: the caller
+validates the indices once where they are made, on the CPU, with check_indices(idx, n), before
+copying them to the GPU. The CUDA kernels also assert on the device (a failure is "device-side
+assert triggered", after which the CUDA context is unusable); Triton's only under TRITON_DEBUG=1.
+US_JEPA_CHECK_INDICES=1 restores the host check (with its sync) on CUDA, for debugging."""
 import os
 
 import torch
 
 BACKENDS = ("cuda", "triton", "cpp")
 KINDS = {"smooth_l1": 0, "l1": 1, "l2": 2}
+CHECK_ENV = "US_JEPA_CHECK_INDICES"  # =1: range-check CUDA indices on the host too (a sync a call)
+
+
+def check_indices(idx, n, op="check_indices", allow_sync=False):
+    """Raise IndexError unless every entry of the integer tensor idx lies in [0, n). For the CPU
+    indices the sampler makes, once per step before they go to the GPU: cheap (one pass over M*B*K
+    integers). On another device it would read two numbers back to the host (a sync), so it refuses
+    unless allow_sync."""
+    if idx.device.type != "cpu" and not allow_sync:
+        raise ValueError(f"{op}: idx is on {idx.device}; check the CPU indices before copying them "
+                         f"(on {idx.device.type} this check would cost a device->host sync)")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"{op}: idx must be an integer tensor, got {idx.dtype}")
+    if idx.numel() == 0:
+        return
+    lo, hi = torch.aminmax(idx)
+    lo = int(lo)
+    hi = int(hi)
+    if lo < 0 or hi >= n:
+        raise IndexError(f"{op}: index out of range: idx holds values in [{lo}, {hi}] "
+                         f"but must lie in [0, {n})")
+
+
+def host_checks_indices(idx):
+    """Whether the ops range-check idx on the host: for CPU tensors always (no sync there); for
+    others only under US_JEPA_CHECK_INDICES=1. csrc/common.h decides the same way for the C++/CUDA
+    ops."""
+    return idx.device.type == "cpu" or os.environ.get(CHECK_ENV) == "1"
 
 
 class Ops:

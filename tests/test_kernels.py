@@ -117,8 +117,10 @@ def test_low_precision_within_twice_the_reference_error(ops, dtype):
 
 @pytest.mark.parametrize("op", ["gather", "gather_backward", "salt"])
 @pytest.mark.parametrize("bad", [-1, 36])
-def test_out_of_range_index_raises(ops, op, bad):
+def test_out_of_range_index_raises(ops, op, bad, monkeypatch):
     o, device = ops
+    if device == "cuda":  # CUDA inputs are range-checked on the host only on request (a sync)
+        monkeypatch.setenv(kernels.CHECK_ENV, "1")
     x, pred = torch.randn(2, 36, 8, device=device), torch.randn(4, 3, 8, device=device)
     idx = torch.zeros(2, 2, 3, dtype=torch.long, device=device)
     idx[1, 1, 2] = bad
@@ -126,6 +128,108 @@ def test_out_of_range_index_raises(ops, op, bad):
         if op == "gather": o.masked_gather(x, idx)
         elif op == "salt": o.salt_loss(pred, x, idx)
         else: namespace(o).masked_gather_backward(pred, idx, 36)
+
+
+def test_check_indices():
+    """The check the training loop runs once a step on the CPU indices, before they go to a GPU."""
+    idx = torch.tensor([[[0, 5], [35, 2]]])
+    kernels.check_indices(idx, 36)
+    kernels.check_indices(idx.int(), 36)
+    kernels.check_indices(torch.empty(0, 2, 0, dtype=torch.long), 0)
+    for bad in (-1, 36):
+        with pytest.raises(IndexError, match=r"out of range.*\[0, 36\)"):
+            kernels.check_indices(torch.tensor([[[0, bad]]]), 36)
+    with pytest.raises(ValueError, match="integer"):
+        kernels.check_indices(idx.float(), 36)
+    with pytest.raises(ValueError, match="sync"):  # on a device it would read back: refused
+        kernels.check_indices(idx.to("meta"), 36)
+
+
+def test_host_checks_indices_on_cpu_always_elsewhere_on_request(monkeypatch):
+    monkeypatch.delenv(kernels.CHECK_ENV, raising=False)
+    assert kernels.host_checks_indices(torch.zeros(1, dtype=torch.long))
+    assert not kernels.host_checks_indices(torch.zeros(1, dtype=torch.long, device="meta"))
+    monkeypatch.setenv(kernels.CHECK_ENV, "1")
+    assert kernels.host_checks_indices(torch.zeros(1, dtype=torch.long, device="meta"))
+
+
+class NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on each op that makes the host wait for the device: reading a value back (.item(),
+    bool(), .tolist() end in aten._local_scalar_dense) or copying a CUDA tensor to the CPU."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError(f"a host sync: {func} reads a value back")
+        out = func(*args, **kwargs)
+        leaves = torch.utils._pytree.tree_leaves
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves((args, kwargs)))
+        if on_cuda and any(isinstance(t, torch.Tensor) and t.is_cpu for t in leaves(out)):
+            raise AssertionError(f"a host sync: {func} copies a CUDA tensor to the CPU")
+        return out
+
+
+class LaunchStub:
+    """Stands for a @triton.jit kernel: `kernel[grid](*args)` counts the launch, runs nothing."""
+    def __init__(self): self.launches = 0
+    def __getitem__(self, grid): return self
+    def __call__(self, *args, **kwargs): self.launches += 1
+
+
+@pytest.mark.skipif(kernels.why_not("triton", "cpu") is not None and not torch.cuda.is_available(),
+                    reason="triton is not importable here")
+def test_triton_host_code_does_not_sync_on_cuda(monkeypatch):
+    """The host side of the triton ops (and kernels.Ops around it), run on fake CUDA tensors
+    (FakeTensorMode: no GPU needed, and no data to read back) with the launches stubbed, makes no
+    device->host sync. Self-check: with US_JEPA_CHECK_INDICES=1, which asks for the synchronising
+    host check, the same run must fail."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from kernels import triton_ops as T
+    names = ("_gather_kernel", "_scatter_add_kernel", "_salt_kernel")
+    stubs = {name: LaunchStub() for name in names}
+    for name, stub in stubs.items():
+        monkeypatch.setattr(T, name, stub)
+    o = kernels.Ops("triton", T.gather_impl, T.salt_loss_impl)
+
+    def run():
+        with FakeTensorMode(), NoHostSync():
+            x = torch.empty(3, 13, 24, device="cuda")
+            idx = torch.empty(2, 3, 4, dtype=torch.long, device="cuda")
+            out = o.masked_gather(x, idx)
+            T.gather_backward_impl(out, idx.int(), 13)
+            o.salt_loss(torch.empty(6, 4, 24, device="cuda", dtype=torch.bfloat16), x, idx, "l1")
+
+    monkeypatch.delenv(kernels.CHECK_ENV, raising=False)
+    run()
+    assert all(stub.launches == 1 for stub in stubs.values())
+    monkeypatch.setenv(kernels.CHECK_ENV, "1")
+    # int(t) of a fake CUDA tensor stops before dispatch on a CPU build of torch, with its own error
+    caught = "host sync|not linked with support for cuda"
+    with pytest.raises((AssertionError, RuntimeError), match=caught):
+        run()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_ops_do_not_sync(ops):
+    """On a GPU, every backend's ops under torch.cuda.set_sync_debug_mode('error'), which raises
+    on any synchronising call torch makes (.item(), a device->host copy): C++/CUDA and triton."""
+    o, device = ops
+    if device != "cuda": pytest.skip("a CPU backend")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 13, 24, generator=g).to(device).requires_grad_()
+    pred = torch.randn(6, 4, 24, generator=g).to(device).requires_grad_()
+    idx = make_idx(2, 3, 13, 4, g, device)
+
+    def step():
+        (o.masked_gather(x, idx) * 2).sum().backward()
+        o.salt_loss(pred, x.detach(), idx).backward()
+
+    step()  # first calls outside the check: building, compiling and loading kernels may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def namespace(o):

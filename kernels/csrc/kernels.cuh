@@ -11,6 +11,17 @@
 
 #include "loss_math.h"
 
+// The index range of CUDA inputs is not checked on the host (that costs a device->host sync per
+// call; the caller validates, see common.h): each warp asserts its row's index instead, one compare
+// a row. torch's CUDA_KERNEL_ASSERT (kept under NDEBUG) when its headers came first, as in
+// us_jepa_ops.cu; else assert().
+#ifdef CUDA_KERNEL_ASSERT
+#define US_JEPA_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#else
+#include <assert.h>
+#define US_JEPA_ASSERT(cond) assert(cond)
+#endif
+
 namespace us_jepa_ext {
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -26,16 +37,36 @@ template <typename T> __device__ __forceinline__ T from_acc(double v) { return s
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
+// The row a warp works on (one warp a row, in every kernel below): r = (m*B + b)*K + k, its image b
+// and its token n = idx[r], asserted in range. valid is false for the warps past the last row.
+struct WarpRow {
+  int64_t r, b, n;
+  bool valid;
+};
+
+__device__ __forceinline__ WarpRow warp_row(const int64_t* __restrict__ idx, int64_t rows,
+                                            int64_t B, int64_t N, int64_t K) {
+  WarpRow row;
+  row.r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  row.valid = row.r < rows;
+  if (!row.valid) return row;
+  row.b = (row.r / K) % B;
+  row.n = idx[row.r];
+  US_JEPA_ASSERT(row.n >= 0 && row.n < N);
+  return row;
+}
+
 // masked_gather: one warp per output row; the row is copied as `V` words (uint4 = 16 bytes when the row size
 // and both pointers allow it), so one instruction moves 512 bytes per warp. Dtype-agnostic: rows are bytes.
 template <typename V>
-__global__ void gather_rows(const V* __restrict__ x, V* __restrict__ out, const int64_t* __restrict__ idx,
-                            int64_t rows, int64_t B, int64_t K, int64_t sb, int64_t sn, int64_t words) {
-  const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= rows) return;
-  const int64_t b = (r / K) % B;  // r = (m*B + b)*K + k
-  const V* src = x + b * sb + idx[r] * sn;  // strides in words: an expanded x (stride 0) is read in place
-  V* dst = out + r * words;
+__global__ void gather_rows(const V* __restrict__ x, V* __restrict__ out,
+                            const int64_t* __restrict__ idx, int64_t rows, int64_t B, int64_t N,
+                            int64_t K, int64_t sb, int64_t sn, int64_t words) {
+  const WarpRow row = warp_row(idx, rows, B, N, K);
+  if (!row.valid) return;
+  // strides in words: an expanded x (stride 0) is read in place
+  const V* src = x + row.b * sb + row.n * sn;
+  V* dst = out + row.r * words;
   for (int64_t w = threadIdx.x % 32; w < words; w += 32) dst[w] = src[w];
 }
 
@@ -45,11 +76,10 @@ __global__ void gather_rows(const V* __restrict__ x, V* __restrict__ out, const 
 template <typename T, typename A>
 __global__ void scatter_add_rows(const T* __restrict__ grad, A* __restrict__ acc, const int64_t* __restrict__ idx,
                                  int64_t rows, int64_t B, int64_t N, int64_t K, int64_t D) {
-  const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= rows) return;
-  const int64_t b = (r / K) % B;
-  A* dst = acc + (b * N + idx[r]) * D;
-  const T* src = grad + r * D;
+  const WarpRow row = warp_row(idx, rows, B, N, K);
+  if (!row.valid) return;
+  A* dst = acc + (row.b * N + row.n) * D;
+  const T* src = grad + row.r * D;
   for (int64_t d = threadIdx.x % 32; d < D; d += 32) atomicAdd(dst + d, static_cast<A>(to_acc(src[d])));
 }
 
@@ -67,13 +97,12 @@ __global__ void salt_rows(const T* __restrict__ pred, const T* __restrict__ feat
                           T* __restrict__ grad, typename Acc<T>::type* __restrict__ row_loss, int64_t rows,
                           int64_t B, int64_t N, int64_t K, int64_t D, float beta, double eps) {
   using A = typename Acc<T>::type;
-  const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= rows) return;
+  const WarpRow row = warp_row(idx, rows, B, N, K);
+  if (!row.valid) return;
   const int lane = threadIdx.x % 32;
-  const int64_t b = (r / K) % B;
-  const T* t = feats + (b * N + idx[r]) * D;
-  const T* p = pred + r * D;
-  T* g = grad + r * D;
+  const T* t = feats + (row.b * N + row.n) * D;
+  const T* p = pred + row.r * D;
+  T* g = grad + row.r * D;
   A mean = 0, var = 0, sum = 0;
   for (int64_t d = lane; d < D; d += 32) mean += to_acc(t[d]);
   mean = warp_sum(mean) / A(D);
@@ -86,7 +115,7 @@ __global__ void salt_rows(const T* __restrict__ pred, const T* __restrict__ feat
     g[d] = from_acc<T>(gr * inv);
   }
   sum = warp_sum(sum);
-  if (lane == 0) row_loss[r] = sum;
+  if (lane == 0) row_loss[row.r] = sum;
 }
 
 }  // namespace us_jepa_ext

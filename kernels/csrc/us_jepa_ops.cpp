@@ -28,20 +28,14 @@
 namespace us_jepa_ext {
 
 at::Tensor masked_gather_cpu(const at::Tensor& x_in, const at::Tensor& idx_in) {
-  check_gather(x_in, idx_in);
-  TORCH_CHECK(x_in.device().is_cpu(), "masked_gather: the CPU kernel got a ", x_in.device(), " tensor");
-  const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
-  at::Tensor idx = check_index(idx_in, x_in, N, "masked_gather");
-  // Rows must be contiguous; batch and token strides are free, so an expanded x (the predictor's positions,
-  // stride 0 over the batch) is read in place instead of copied. Other layouts cost one copy here.
-  at::Tensor x = x_in.stride(2) == 1 || D <= 1 ? x_in : x_in.contiguous();
-  const int64_t sb = x.stride(0), sn = x.stride(1), es = x.element_size();
-  const int64_t M = idx.size(0), K = idx.size(2), R = M * B * K;
-  at::Tensor out = at::empty({M * B, K, D}, x.options());
-  const int64_t row = D * es;  // the op moves whole rows: a byte copy, whatever the dtype
-  const char* src = static_cast<const char*>(x.data_ptr());
+  const GatherArgs a = prepare_gather(x_in, idx_in, c10::DeviceType::CPU);
+  const int64_t B = a.B, K = a.K, R = a.R;
+  const int64_t sb = a.x.stride(0), sn = a.x.stride(1), es = a.x.element_size();
+  at::Tensor out = at::empty({a.M * B, K, a.D}, a.x.options());
+  const int64_t row = a.D * es;  // the op moves whole rows: a byte copy, whatever the dtype
+  const char* src = static_cast<const char*>(a.x.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
-  const int64_t* ix = idx.data_ptr<int64_t>();
+  const int64_t* ix = a.idx.data_ptr<int64_t>();
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = (r / K) % B;  // r = (m*B + b)*K + k
@@ -52,11 +46,10 @@ at::Tensor masked_gather_cpu(const at::Tensor& x_in, const at::Tensor& idx_in) {
 }
 
 at::Tensor masked_gather_backward_cpu(const at::Tensor& grad_in, const at::Tensor& idx_in, int64_t N) {
-  check_gather_backward(grad_in, idx_in, N);
-  TORCH_CHECK(grad_in.device().is_cpu(), "masked_gather_backward: the CPU kernel got a ", grad_in.device(), " tensor");
-  at::Tensor idx = check_index(idx_in, grad_in, N, "masked_gather_backward");
-  at::Tensor grad = grad_in.contiguous();
-  const int64_t M = idx.size(0), B = idx.size(1), K = idx.size(2), D = grad.size(2);
+  const GatherBackwardArgs a = prepare_gather_backward(grad_in, idx_in, N, c10::DeviceType::CPU);
+  const at::Tensor& grad = a.grad;
+  const at::Tensor& idx = a.idx;
+  const int64_t M = a.M, B = a.B, K = a.K, D = a.D;
   at::Tensor out = at::empty({B, N, D}, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "masked_gather_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;  // bf16/fp16 accumulate in float: one rounding at the end
@@ -120,22 +113,20 @@ acc_t salt_row(const scalar_t* t, const scalar_t* p, scalar_t* gp, acc_t* buf, i
 
 std::tuple<at::Tensor, at::Tensor> salt_loss_cpu(const at::Tensor& pred_in, const at::Tensor& feats_in,
                                                  const at::Tensor& idx_in, double beta, int64_t kind) {
-  check_salt(pred_in, feats_in, idx_in, beta, kind);
-  TORCH_CHECK(pred_in.device().is_cpu(), "salt_loss: the CPU kernel got a ", pred_in.device(), " tensor");
-  const int64_t B = feats_in.size(0), N = feats_in.size(1), D = feats_in.size(2);
-  at::Tensor idx = check_index(idx_in, feats_in, N, "salt_loss");
-  at::Tensor pred = pred_in.contiguous(), feats = feats_in.contiguous();
-  const int64_t K = idx.size(2), R = idx.size(0) * B * K;
+  const SaltArgs a = prepare_salt(pred_in, feats_in, idx_in, beta, kind, c10::DeviceType::CPU);
+  const at::Tensor& pred = a.pred;
+  const int64_t B = a.B, N = a.N, D = a.D, K = a.K, R = a.R;
   at::Tensor grad = at::empty_like(pred), loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "salt_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor row_loss = at::empty({R}, pred.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const scalar_t *p = pred.data_ptr<scalar_t>(), *f = feats.data_ptr<scalar_t>();
-    const int64_t* ix = idx.data_ptr<int64_t>();
+    const scalar_t* p = pred.data_ptr<scalar_t>();
+    const scalar_t* f = a.feats.data_ptr<scalar_t>();
+    const int64_t* ix = a.idx.data_ptr<int64_t>();
     scalar_t* gp = grad.data_ptr<scalar_t>();
     acc_t* rl = row_loss.data_ptr<acc_t>();
     const acc_t inv = acc_t(1) / acc_t(R * D), bt = static_cast<acc_t>(beta);
-    const int k = loss_kind(kind, beta);
+    const int k = a.kind;
     at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(D);  // the teacher row in the accumulation type, reused by the three passes
       for (int64_t r = r0; r < r1; ++r) {
@@ -150,8 +141,6 @@ std::tuple<at::Tensor, at::Tensor> salt_loss_cpu(const at::Tensor& pred_in, cons
   return {loss, grad};
 }
 
-}  // namespace us_jepa_ext
-
 TORCH_LIBRARY(us_jepa_ext, m) {
   m.def("masked_gather(Tensor x, Tensor idx) -> Tensor");
   m.def("masked_gather_backward(Tensor grad, Tensor idx, int n) -> Tensor");
@@ -159,7 +148,7 @@ TORCH_LIBRARY(us_jepa_ext, m) {
 }
 
 TORCH_LIBRARY_IMPL(us_jepa_ext, CPU, m) {
-  m.impl("masked_gather", &us_jepa_ext::masked_gather_cpu);
-  m.impl("masked_gather_backward", &us_jepa_ext::masked_gather_backward_cpu);
-  m.impl("salt_loss", &us_jepa_ext::salt_loss_cpu);
+  register_impls(m, &masked_gather_cpu, &masked_gather_backward_cpu, &salt_loss_cpu);
 }
+
+}  // namespace us_jepa_ext
