@@ -194,23 +194,29 @@ def bench_kernels(argv):
 # built-in synthetic images, peak RSS of each run, and the loader rate alone (slice + augment, one process).
 
 def write_scans(folder, n, seed=0):
-    """n 640 x 480 PNGs: 64 simulated sectors, each flipped / shifted / brightened, with text and ticks."""
+    """n 640 x 480 PNGs: 64 simulated scans (sector and linear), each flipped, shifted and dimmed, with a text
+    line across the fan's top edge and a depth scale whose ticks cross its right edge (annotations that touch
+    the fan, as on a scanner's screen)."""
     from PIL import Image, ImageDraw, ImageFont
     import us_data as D
     os.makedirs(folder, exist_ok=True)
-    base = D.synth_batch(range(64), 448, 7, "lesion3")[0][:, 0].numpy()  # (64, 448, 448) sector and linear
+    base, fans, _ = D.synth_batch(range(64), 448, 7, "lesion3")  # (64, 1, 448, 448) each
     font = ImageFont.load_default(size=14)
     rng = np.random.default_rng(seed)
     for i in range(n):
+        flip = rng.random() < 0.5
+        img, fan = (t[i % 64, 0].numpy()[:, ::-1] if flip else t[i % 64, 0].numpy() for t in (base, fans))
         frame = np.zeros((480, 640), np.float32)
         x0 = int(rng.integers(40, 150))
-        img = base[i % 64][:, ::-1] if rng.random() < 0.5 else base[i % 64]
         frame[20:468, x0:x0 + 448] = img * rng.uniform(0.7, 1.0)
         im = Image.fromarray((frame * 255).astype(np.uint8))
         d = ImageDraw.Draw(im)
-        d.text((x0 + 150, 8), f"US-JEPA {i:05d} FR {rng.integers(15, 60)}Hz", fill=230, font=font)
-        for k in range(8):  # a depth scale with ticks, drawn at the fan's right edge
-            d.line([(x0 + 440, 40 + 52 * k), (x0 + 456, 40 + 52 * k)], fill=200, width=2)
+        top = 20 + int(np.flatnonzero(fan.any(1))[0])  # the fan's first row
+        d.text((x0 + 150, top - 8), f"US-JEPA {i:05d} FR {rng.integers(15, 60)}Hz", fill=230, font=font)
+        for k in range(8):  # ticks across the fan's right edge at 8 depths
+            y = 40 + 52 * k
+            edge = x0 + int(np.flatnonzero(fan[y - 20])[-1]) if fan[y - 20].any() else x0 + 440
+            d.line([(edge - 10, y), (edge + 10, y)], fill=200, width=2)
         d.text((x0 + 460, 30), f"{rng.integers(3, 16)} cm", fill=220, font=font)
         im.save(os.path.join(folder, f"scan_{i:05d}.png"), compress_level=1)
 
