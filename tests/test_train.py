@@ -79,3 +79,10 @@ def test_end_to_end_teacher_pretrain_probe(tmp_path, monkeypatch, capsys):
     U.main(["probe", "--encoder", "pixels", "--n_train", "60", "--n_val", "30", "--n_test", "40", "--seeds", "1"])
     assert (tmp_path / "runs/pretrain/probe_lesion-1.json").exists()  # the first result was kept
     assert json.load(open(tmp_path / "runs/pretrain/probe_lesion.json")) == res
+
+
+def test_bad_mask_indices_are_one_clear_error(monkeypatch):
+    """The fused ops do not check indices on the device: draw_masks checks them once, on the CPU."""
+    monkeypatch.setattr(U, "sample_masks", lambda *a, **k: (torch.tensor([[0, 36]]), torch.tensor([[[1, 2]]])))
+    with pytest.raises(ValueError, match=r"context indices in \[0, 36\] on a 6x6 grid"):
+        U.draw_masks(None, 1, 6, U.MaskConfig(), None, 16)
