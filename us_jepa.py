@@ -636,7 +636,7 @@ def teacher_stats(teacher, images, n_train, device):
     """Fixed per-channel statistics of the frozen teacher on up to 1024 training images (ours):
     without them ~70 % of the layer-normed target was one constant vector (measured); the student
     learnt it in 100 steps and the probe stayed at chance. -> mean, std (Dt,) each"""
-    f = torch.cat([teacher(images[range(i, min(i + 256, len(images)))][0].to(device))
+    f = torch.cat([teacher(images[range(i, min(i + 256, n_train))][0].to(device))
                    for i in range(0, min(1024, n_train), 256)])  # (n, N, Dt)
     return f.mean((0, 1)), f.std((0, 1)) + 1e-6
 

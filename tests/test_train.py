@@ -86,3 +86,16 @@ def test_bad_mask_indices_are_one_clear_error(monkeypatch):
     monkeypatch.setattr(U, "sample_masks", lambda *a, **k: (torch.tensor([[0, 36]]), torch.tensor([[[1, 2]]])))
     with pytest.raises(ValueError, match=r"context indices in \[0, 36\] on a 6x6 grid"):
         U.draw_masks(None, 1, 6, U.MaskConfig(), None, 16)
+
+
+def test_teacher_statistics_come_from_training_images_only():
+    """Fewer than 1024 training images: the statistics stop at the held-out ones."""
+    class Pool:  # 400 images, the last 20 held out
+        seen = []
+        def __len__(self): return 400
+        def __getitem__(self, idx):
+            self.seen.extend(idx)
+            return torch.rand(len(idx), 1, 32, 32), None
+    vit = U.ViT(32, 16, "vit_tiny", depth=1).eval()
+    mu, sd = U.teacher_stats(vit, Pool(), 380, "cpu")
+    assert sorted(Pool.seen) == list(range(380)) and mu.shape == sd.shape == (192,)
