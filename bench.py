@@ -112,11 +112,11 @@ def bench_ops(device, dtypes, sizes, fused, reps, rows):
 def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, compiled=False):
     """One SALT pretrain step. name = 'torch' (references) or a kernels backend; compiled: torch.compile the
     student, predictor and teacher (the custom ops stay inside the graph). -> images/s, peak MB, MFU (CUDA)."""
-    loss_fn = U.set_kernels(name, device)
+    gather, loss_fn = U.select_kernels(name, device)
     torch.manual_seed(0)
-    enc = U.ViT(img_size, 16, model, depth=depth).to(device)
+    enc = U.ViT(img_size, 16, model, depth=depth, gather=gather).to(device)
     teacher = U.ViT(img_size, 16, model, depth=depth).to(device).eval().requires_grad_(False)
-    head = U.Predictor(enc.grid, enc.dim, pred[1], pred[0], pred[1] // 32, enc.dim).to(device)
+    head = U.Predictor(enc.grid, enc.dim, pred[1], pred[0], pred[1] // 32, enc.dim, gather).to(device)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-4, fused=device == "cuda" or None)
     mask_cfg = U.MaskConfig(tgt_scale=(0.075, 0.125), min_keep=10) if enc.grid >= 14 else U.MaskConfig()
     rng = np.random.default_rng(0)
@@ -135,7 +135,6 @@ def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, c
     for _ in range(3 if compiled else 0): step()  # compile outside the clock (timeit warms up once more)
     ms = timeit(step, device, reps)
     mb = peak_mb(step, device)
-    U.set_kernels("torch", device)
     ctx, tgt = masks[0]
     cfg = U.parse_config("pretrain", ["--model", model, "--img_size", str(img_size), "--depth", str(depth),
                                       "--pred_depth", str(pred[0]), "--pred_dim", str(pred[1])])

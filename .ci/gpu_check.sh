@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU (device tool): build the CUDA extension, run the kernel tests on the GPU,
 # run the benchmark, print a short table last. Everything also lands in $OUT (default /tmp/us_jepa_gpu).
-#   run: bash .ci/gpu_check.sh        (~560 s at most: one call, then give_back)
+#   run: bash .ci/gpu_check.sh        (~660 s at most with the sync check: trim a part to fit one 600 s call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/us_jepa_gpu}; mkdir -p "$OUT"
@@ -15,6 +15,47 @@ echo "build: $(( $(date +%s) - start )) s"
 timeout 120 python -m pytest -q -x tests/test_kernels.py > "$OUT/tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/tests.log"
 timeout 240 python bench.py kernels --quick > "$OUT/bench.txt" 2>&1; echo "bench rc=$?"
 cat "$OUT/bench.txt"
+# Issue 11: no host sync inside a training step. torch.cuda.set_sync_debug_mode("warn") is on during every
+# step that neither logs nor checkpoints (switched in us_jepa.schedule, which each step calls first); every
+# sync it reports is printed with its step and the line that made it. Demo-size runs (stage 1, stage 2 with
+# --kernels auto, stage 2 with the torch references in float32 + TF32), 12 steps each.
+repo=$(pwd)
+(cd "$OUT" && timeout 100 python - "$repo" > sync.log 2>&1 <<'PY'
+import sys, warnings
+import torch
+sys.path.insert(0, sys.argv[1])
+import us_jepa as U
+real, state = U.schedule, {"quiet": set(), "step": None, "run": None}
+def schedule(step, steps, t):  # runs first in a step: the mode covers that step's work
+    quiet = bool((step + 1) % t.log_every and (step + 1) % t.eval_every and step + 1 != steps)
+    torch.cuda.set_sync_debug_mode("warn" if quiet else "default")
+    state["step"] = step
+    if quiet:
+        state["quiet"].add((state["run"], step))
+    return real(step, steps, t)
+U.schedule = schedule
+tiny = ["--n_images", "512", "--steps", "12", "--log_every", "6", "--eval_every", "12", "--workers", "2"]
+runs = {"teacher": ["teacher", *tiny, "--out", "runs/sync_t"],
+        "student": ["pretrain", *tiny, "--teacher", "runs/sync_t/best.pt", "--out", "runs/sync_s"],
+        "student, torch ops, fp32": ["pretrain", *tiny, "--teacher", "runs/sync_t/best.pt", "--kernels",
+                                     "torch", "--bf16", "false", "--out", "runs/sync_f"]}
+bad = 0
+for name, argv in runs.items():
+    state["run"] = name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        U.main(argv)
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    quiet = sum(1 for r, _ in state["quiet"] if r == name)
+    print(f"sync check, {name}: {len(syncs)} syncs in {quiet} quiet steps")
+    for w in syncs[:10]:
+        print(f"  {w.filename}:{w.lineno}: {str(w.message)[:120]}")
+    bad += len(syncs)
+print("SYNC CHECK:", "ok, no sync in a quiet step" if bad == 0 else f"{bad} syncs (see above)")
+PY
+)
+echo "sync check rc=$?"; grep -E "^sync check|^SYNC CHECK|^  " "$OUT/sync.log"; grep -E "\] .* on 1 x cuda" "$OUT/sync.log" | head -3
 # Issue 5: a short real pretrain at the paper's size (trains a 15-step teacher first), bf16 + compile + loader
 # workers; its log lines give images/s and MFU, its last line peak GPU memory.
 repo=$(pwd)

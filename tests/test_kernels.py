@@ -313,9 +313,9 @@ def test_pretrain_step_same_loss_with_each_backend(backend):
     if kernels.why_not(backend, "cpu"): pytest.skip(kernels.why_not(backend, "cpu"))
     def step(name):
         torch.manual_seed(0)
-        loss_fn = U.set_kernels(name, "cpu")
-        enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1), U.ViT(48, 16, "vit_tiny", depth=1).eval()
-        head = U.Predictor(3, 192, 32, 1, 2, 192)
+        gather, loss_fn = U.select_kernels(name, "cpu")
+        enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1, gather=gather), U.ViT(48, 16, "vit_tiny", depth=1).eval()
+        head = U.Predictor(3, 192, 32, 1, 2, 192, gather)
         img = torch.rand(4, 1, 48, 48)
         ctx, tgt = torch.tensor([[0, 1, 2, 4]] * 4), torch.tensor([[[5, 6]] * 4, [[6, 8]] * 4])
         with torch.no_grad(): feats = teacher(img)
@@ -323,10 +323,7 @@ def test_pretrain_step_same_loss_with_each_backend(backend):
         loss.backward()
         return loss.detach(), enc.patch_embed.proj.weight.grad.clone()
 
-    try:
-        ref, got = step("torch"), step(backend)
-    finally:
-        U.set_kernels("torch", "cpu")
+    ref, got = step("torch"), step(backend)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
 
@@ -334,10 +331,10 @@ def test_pretrain_step_same_loss_with_each_backend(backend):
 def test_compiled_pretrain_step_with_fused_ops():
     """torch.compile(fullgraph=True, inductor) traces a SALT step's forward through the registered ops (their
     fake and autograd registrations: no graph break) and gives the eager loss and gradients."""
-    def tiny():
+    def tiny(gather):
         torch.manual_seed(0)
-        enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1), U.ViT(48, 16, "vit_tiny", depth=1).eval()
-        return enc, teacher, U.Predictor(3, 192, 32, 1, 2, 192)
+        enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1, gather=gather), U.ViT(48, 16, "vit_tiny", depth=1).eval()
+        return enc, teacher, U.Predictor(3, 192, 32, 1, 2, 192, gather)
 
     def make_step(enc, teacher, head, loss_fn):
         def step(img, ctx, tgt):
@@ -347,14 +344,11 @@ def test_compiled_pretrain_step_with_fused_ops():
 
     img = torch.rand(4, 1, 48, 48)
     ctx, tgt = torch.tensor([[0, 1, 2, 4]] * 4), torch.tensor([[[5, 6]] * 4, [[6, 8]] * 4])
-    try:
-        loss_fn = U.set_kernels("cpp", "cpu")
-        a, b = tiny(), tiny()
-        eager = make_step(*a, loss_fn)(img, ctx, tgt)
-        compiled = torch.compile(make_step(*b, loss_fn), fullgraph=True)(img, ctx, tgt)
-        eager.backward(); compiled.backward()  # the compiled backward graph (AOTAutograd) holds the op's backward
-    finally:
-        U.set_kernels("torch", "cpu")
+    gather, loss_fn = U.select_kernels("cpp", "cpu")
+    a, b = tiny(gather), tiny(gather)
+    eager = make_step(*a, loss_fn)(img, ctx, tgt)
+    compiled = torch.compile(make_step(*b, loss_fn), fullgraph=True)(img, ctx, tgt)
+    eager.backward(); compiled.backward()  # the compiled backward graph (AOTAutograd) holds the op's backward
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     for pa, pb in zip(a[0].parameters(), b[0].parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5)
@@ -365,13 +359,10 @@ def test_auto_falls_back_and_explicit_backend_fails_when_the_extension_does_not_
     monkeypatch.setattr(ext, "_state", {"ok": False, "error": "the C++ extension did not build (no compiler)"})
     ops, line = kernels.auto("cpu")
     assert ops is None and line.startswith("kernels: torch reference") and "no compiler" in line
-    try:
-        assert U.set_kernels("auto") is U.salt_loss and U.gather is U.apply_masks
-        assert "torch reference" in capsys.readouterr().out
-        with pytest.raises(U.UserError, match="no compiler"):
-            U.set_kernels("cpp")
-    finally:
-        U.set_kernels("torch")
+    assert U.select_kernels("auto", "cpu") == (U.apply_masks, U.salt_loss)
+    assert "torch reference" in capsys.readouterr().out
+    with pytest.raises(U.UserError, match="no compiler"):
+        U.select_kernels("cpp", "cpu")
 
 
 TRITON_AOT = """

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import show as S
 import us_jepa as U
 
 
@@ -194,10 +195,19 @@ def test_attentive_probe_can_read_a_regional_contrast():
 def test_show_writes_both_figures_and_never_overwrites(student_ckpt, tmp_path):
     from PIL import Image
     for _ in range(2):
-        U.main(["show", "--ckpt", student_ckpt, "--n_images", "3", "--out", str(tmp_path / "fig")])
+        S.main(["--ckpt", student_ckpt, "--n_images", "3", "--out", str(tmp_path / "fig")])
     names = sorted(f.name for f in (tmp_path / "fig").iterdir())
     assert names == ["masks-1.png", "masks.png", "pca-1.png", "pca.png"]
     m, p = Image.open(tmp_path / "fig" / "masks.png"), Image.open(tmp_path / "fig" / "pca.png")
     assert m.size == (3 * 64 * 2, 64 * 2) and p.size == (3 * 64 * 2, 2 * 64 * 2)  # 2x upscaled; pca: image + map
     a = np.asarray(m).reshape(-1, 3)
     assert ((a[:, 2] > a[:, 0] + 40)).any()  # some context (blue) overlay is there
+
+
+def test_probe_whose_validation_loss_is_never_finite_stops_with_one_line():
+    g = torch.Generator().manual_seed(0)
+    feats = {s: torch.randn(40, 8, generator=g) for s in ("train", "val", "test")}
+    feats["val"][0, 0] = float("nan")
+    labels = {s: torch.arange(40) % 2 for s in feats}
+    with pytest.raises(U.UserError, match="validation loss was not finite in any of 3 epochs"):
+        U.fit_probe(feats, labels, 2, 0, U.ProbeConfig(epochs=10, patience=3))

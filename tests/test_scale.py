@@ -91,13 +91,26 @@ def test_sigkill_mid_run_then_resume_auto_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path, capsys):
+def interrupted(monkeypatch, argv, at):
+    """Run `argv` until step `at` starts, then Ctrl-C (the checkpoints before it are written)."""
+    real = U.schedule
+    def crash(step, *a):
+        if step == at: raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(U, "schedule", crash)
+    with pytest.raises(SystemExit):
+        U.main(argv)
+    monkeypatch.setattr(U, "schedule", real)
+
+
+def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    U.main(["teacher", *TINY, "--steps", "4", "--eval_every", "2", "--out", str(out)])
+    flags = ["teacher", *TINY, "--steps", "6", "--eval_every", "2", "--out", str(out)]
+    interrupted(monkeypatch, flags, at=4)
     best_step = U.load_checkpoint(str(out / "best.pt"))["step"]
     (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:500])  # truncated, e.g. a full disk
     capsys.readouterr()
-    U.main(["teacher", *TINY, "--steps", "6", "--eval_every", "2", "--out", str(out), "--resume"])
+    U.main(flags + ["--resume"])
     captured = capsys.readouterr()
     assert "warning: skipping" in captured.err and f"best.pt at step {best_step}" in captured.out
     assert U.load_checkpoint(str(out / "last.pt"))["step"] == 6
@@ -120,13 +133,16 @@ def test_overwrite_is_explicit(tmp_path, capsys):
 
 
 def test_nan_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The NaN at step 2 is seen at the next log step (3): no update from step 2 on, last.pt untouched."""
     out = tmp_path / "run"
-    U.main(["teacher", *TINY, "--steps", "2", "--eval_every", "2", "--out", str(out)])
+    flags = ["teacher", *TINY, "--steps", "4", "--eval_every", "2", "--out", str(out)]
+    interrupted(monkeypatch, flags, at=2)
     good = (out / "last.pt").read_bytes()
     real = U.mae_loss
     monkeypatch.setattr(U, "mae_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        U.main(["teacher", *TINY, "--steps", "4", "--eval_every", "2", "--out", str(out), "--resume"])
+        U.main(flags + ["--resume"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "loss nan, gradient norm nan at step 2" in err
     assert (out / "last.pt").read_bytes() == good
@@ -149,3 +165,92 @@ def test_step_flops_counts_a_vit_b_step():
     blk = lambda dim, T: 24 * dim * dim * T + 4 * T * T * dim  # noqa: E731
     assert f == 3 * 128 * 12 * blk(768, 100) + 3 * 512 * 12 * blk(384, 120) + 128 * 12 * blk(768, 196)
     assert 1.7e13 < f < 2.2e13  # ~19 TFLOP: teacher 4.5, student 6.9, predictor 7.8 (4 x 128 sequences of 120)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_nonfinite_step_and_those_after_it_are_not_applied(fused):
+    """update(): the fused optimiser (CUDA's, here on CPU) skips on the device via found_inf, the CPU
+    one by reading the flag; either way weights and optimiser state stay as they were."""
+    torch.manual_seed(0)
+    enc, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt, params = U.make_optimizer(enc, head, U.TrainConfig(), fused)
+    bad = torch.tensor([-1.0, 0.0, 0.0])
+    x = torch.randn(8, 4)
+    for step, scale in enumerate([1.0, float("nan"), 1.0]):
+        loss = head(enc(x)).pow(2).mean() * scale
+        opt.zero_grad()
+        loss.backward()
+        before = [p.detach().clone() for p in params]
+        bad = U.update(opt, params, 1.0, loss, step, bad)
+        if step > 0:  # step 1 is NaN; step 2 is finite, but comes after it: skipped as well
+            assert all(torch.equal(a, b) for a, b in zip(before, params))
+            assert all(float(s["step"]) == 1 for s in opt.state.values())
+    assert bad[0].item() == 1 and bad[1].isnan() and bad[2].isnan()
+    with pytest.raises(U.UserError, match="loss nan, gradient norm nan at step 1: stopping at step 2"):
+        U.stop_if_nonfinite(bad, 2, "x/last.pt")
+
+
+@pytest.mark.parametrize("command", ["teacher", "pretrain"])
+def test_no_reads_from_the_device_between_log_steps(tmp_path, monkeypatch, command):
+    """On a GPU every item()/bool()/tolist() of a device tensor waits for it (a sync). Counted here on
+    CPU with the fused optimiser that CUDA gets: zero reads in steps that neither log nor checkpoint.
+    Batches are built in a worker process, so only the training step itself is counted."""
+    if command == "pretrain":
+        U.main(["teacher", *TINY, "--steps", "1", "--eval_every", "1", "--out", str(tmp_path / "t")])
+    real_opt, real_schedule, calls, at = U.make_optimizer, U.schedule, [0], {}
+    monkeypatch.setattr(U, "make_optimizer", lambda e, h, t, fused: real_opt(e, h, t, True))
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__"):
+        def counted(self, *a, _real=getattr(torch.Tensor, name), **k):
+            calls[0] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    def schedule(step, *a):  # called first in every step: the reads since the last call were the last step's
+        at[step] = calls[0]
+        return real_schedule(step, *a)
+    monkeypatch.setattr(U, "schedule", schedule)
+    U.main([command, *TINY, "--steps", "9", "--log_every", "4", "--eval_every", "8", "--workers", "1",
+            "--teacher", str(tmp_path / "t" / "best.pt"), "--out", str(tmp_path / "s")])
+    reads = {s + 1: at[s + 1] - at[s] for s in range(8)}  # step number (as logged) -> reads
+    assert reads[4] > 0 and reads[8] > 0, reads  # log and checkpoint steps do read: the count works
+    assert all(n == 0 for s, n in reads.items() if s % 4), reads
+
+
+def test_resume_refuses_another_run_unless_forced(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["teacher", *TINY, "--steps", "2", "--eval_every", "2", "--out", str(out)]
+    U.main(flags)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        U.main(flags + ["--steps", "4", "--lr", "1e-4", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--steps 4 (was 2), --lr 0.0001 (was 0.001)" in err, err
+    assert "--resume force" in err
+    U.main(flags + ["--log_every", "1", "--eval_every", "1", "--workers", "1", "--kernels", "torch",
+                    "--threads", "1", "--bf16", "false", "--resume"])  # flags that do not change the run
+    U.main(flags + ["--steps", "4", "--lr", "1e-4", "--resume", "force"])
+    err = capsys.readouterr().err
+    assert "warning: --resume force" in err and "--lr 0.0001 (was 0.001)" in err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"step": 2, "resume_force": {"--steps": [2, 4], "--lr": [0.001, 0.0001]}} in log
+    assert U.load_checkpoint(str(out / "last.pt"))["step"] == 4
+
+
+def test_resume_checks_the_teacher_is_the_same(tmp_path, capsys):
+    for seed in (0, 1):
+        U.main(["teacher", *TINY, "--steps", "1", "--eval_every", "1", "--seed", str(seed),
+                "--out", str(tmp_path / f"t{seed}")])
+    teacher = tmp_path / "t0" / "best.pt"
+    flags = ["pretrain", *TINY, "--steps", "2", "--eval_every", "2", "--teacher", str(teacher),
+             "--out", str(tmp_path / "s")]
+    U.main(flags)
+    stored = U.load_checkpoint(str(tmp_path / "s" / "last.pt"))["teacher"]
+    assert stored["sha256"] == U.weights_sha256(stored["model"])
+    U.main(flags + ["--resume"])  # the same teacher: fine
+    teacher.write_bytes((tmp_path / "t1" / "best.pt").read_bytes())  # another teacher, the same path
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        U.main(flags + ["--resume"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "teacher weights (sha256)" in err, err
+    U.main(flags + ["--resume", "force"])
+    assert "warning: --resume force" in capsys.readouterr().err

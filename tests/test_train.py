@@ -79,3 +79,23 @@ def test_end_to_end_teacher_pretrain_probe(tmp_path, monkeypatch, capsys):
     U.main(["probe", "--encoder", "pixels", "--n_train", "60", "--n_val", "30", "--n_test", "40", "--seeds", "1"])
     assert (tmp_path / "runs/pretrain/probe_lesion-1.json").exists()  # the first result was kept
     assert json.load(open(tmp_path / "runs/pretrain/probe_lesion.json")) == res
+
+
+def test_bad_mask_indices_are_one_clear_error(monkeypatch):
+    """The fused ops do not check indices on the device: draw_masks checks them once, on the CPU."""
+    monkeypatch.setattr(U, "sample_masks", lambda *a, **k: (torch.tensor([[0, 36]]), torch.tensor([[[1, 2]]])))
+    with pytest.raises(ValueError, match=r"context indices in \[0, 36\] on a 6x6 grid"):
+        U.draw_masks(None, 1, 6, U.MaskConfig(), None, 16)
+
+
+def test_teacher_statistics_come_from_training_images_only():
+    """Fewer than 1024 training images: the statistics stop at the held-out ones."""
+    class Pool:  # 400 images, the last 20 held out
+        seen = []
+        def __len__(self): return 400
+        def __getitem__(self, idx):
+            self.seen.extend(idx)
+            return torch.rand(len(idx), 1, 32, 32), None
+    vit = U.ViT(32, 16, "vit_tiny", depth=1).eval()
+    mu, sd = U.teacher_stats(vit, Pool(), 380, "cpu")
+    assert sorted(Pool.seen) == list(range(380)) and mu.shape == sd.shape == (192,)

@@ -1,0 +1,77 @@
+"""Figures for readers (like nanoGPT's sample.py beside train.py): the masks on a few built-in images,
+and the student's patch features as colours (first three principal components).
+
+    python show.py                              # runs/pretrain/best.pt -> runs/figures/{masks,pca}.png
+    python show.py --ckpt runs/long/best.pt --usrc false
+"""
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import us_jepa as U
+from us_data import UserError, synth_batch
+
+
+@dataclass
+class ShowConfig:
+    ckpt: str = "runs/pretrain/best.pt"  # the encoder whose features the PCA figure shows
+    n_images: int = 4               # built-in lesion images per figure
+    usrc: bool = True               # the mask figure uses USrc masks (invalid fan patches greyed)
+    out: str = "runs/figures"       # folder for masks.png and pca.png (never overwritten: -1, -2, ...)
+    seed: int = 0                   # seeds the masks
+
+
+def run_show(s):
+    """PNGs of the masks on a few built-in images and of the student's patch features."""
+    from PIL import Image
+    ck = U.load_checkpoint(s.ckpt)
+    vit = U.build_encoder(ck["config"], ck["model"], s.ckpt).eval()
+    S, p, g, n = vit.grid * vit.patch_size, vit.patch_size, vit.grid, s.n_images
+    imgs, fans, _ = synth_batch(range(n), S, 2, "lesion")  # (n, 1, S, S) each
+    valid = U.fan_patches(fans, p)  # (n, g, g) patches inside the fan
+    k = dataclasses.replace(U.MaskConfig(**ck["config"].get("mask", {})), usrc=s.usrc)
+    ctx, tgt = U.sample_masks(np.random.default_rng(s.seed), n, g, k, valid if s.usrc else None)
+    colours = np.array([(60, 130, 255), (230, 60, 60), (250, 170, 40), (60, 190, 90), (180, 80, 220)],
+                       float)
+    rgb = np.repeat(imgs[:, 0, :, :, None].numpy() * 255, 3, -1)  # (n, S, S, 3)
+    over = np.full((n, g * g, 3), np.nan)  # the colour of each patch, NaN = left as it is
+    over[~valid.reshape(n, -1)] = 128  # invalid (outside the fan): grey
+    for b in range(n):
+        over[b, ctx[b]] = colours[0]  # context blue; the 4 targets red, orange, green, purple
+        for m in range(tgt.shape[0]):
+            over[b, tgt[m, b]] = colours[1 + m % 4]
+    over = over.reshape(n, g, g, 3).repeat(p, 1).repeat(p, 2)  # (n, S, S, 3)
+    mixed = np.where(np.isnan(over), rgb, 0.45 * np.nan_to_num(over) + 0.55 * rgb)
+    with torch.no_grad():
+        f = vit(imgs)  # (n, N, D)
+    x = f.reshape(-1, f.shape[-1]) - f.reshape(-1, f.shape[-1]).mean(0)  # (n*N, D)
+    pcs = x @ torch.linalg.svd(x, full_matrices=False)[2][:3].T  # (n*N, 3) first three components
+    lo, hi = pcs.quantile(0.02, 0), pcs.quantile(0.98, 0)
+    pca = ((pcs - lo) / (hi - lo)).clamp(0, 1).reshape(n, g, g, 3)
+    pca = pca.repeat_interleave(p, 1).repeat_interleave(p, 2)  # (n, S, S, 3)
+    os.makedirs(s.out, exist_ok=True)
+    for name, rows in (("masks", [mixed]), ("pca", [rgb, pca.numpy() * 255])):
+        grid_img = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)  # side by side
+        path = U.unique_path(os.path.join(s.out, f"{name}.png"))
+        Image.fromarray(grid_img.clip(0, 255).astype(np.uint8)).resize(
+            (grid_img.shape[1] * 2, grid_img.shape[0] * 2), Image.NEAREST).save(path)
+        print(f"[show] wrote {path}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run_show(U.parse_config("show.py", argv, (ShowConfig,))["show"])
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"show.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
