@@ -9,7 +9,7 @@ file; this file never imports us_jepa.py.
   Images          the pretraining images by index (synthetic or files)
   probe_data      the labelled splits of a probe task (built-in, ImageFolder or UltraBench)
 """
-import hashlib, json, math, os, time
+import functools, hashlib, json, math, os, stat, time, warnings
 
 import numpy as np
 import torch
@@ -167,6 +167,16 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
 # Real images: files and DICOM frames, the fan mask, preprocessing, and the pretraining images by index.
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+# What one file may cost, checked from its header before a pixel is decoded (ours). A frame is zero-padded
+# to a square before the resize, so it costs the square of its longer side however thin it is: a
+# 40000 x 16 PNG (0.6 Mpx) would ask for 40000^2 floats. Real frames are ~0.5-2k px on a side.
+MAX_SIDE = 4096  # px on the longer side: a 4K screen capture (3840 x 2160) fits; 4096^2 peaks at ~0.85 GB
+#                  in a build process (measured, tests/test_hostile_data.py), the bound for any file
+MIN_SIDE = 8  # px on the shorter side: below it there is no image to speak of
+MAX_ASPECT = 8  # longer / shorter side: panoramic (extended field of view) frames reach ~4:1; past 8:1 the
+#                 image fills under 1/8 of the padded square (less than a 16-px patch at 96 px)
+MAX_FRAMES = 10_000  # frames one DICOM may declare: 100 s of cine at 100 frames/s; the listing holds one
+#                      item per frame, so a header declaring millions would hang it
 COLOUR = 0.1  # a pixel is burnt-in colour if max(R,G,B) - min(R,G,B) > 10 % of full scale (ours; see read_dicom)
 # fan_mask's levels, fractions of the frame's maximum (ours: UltraBench states none).
 FAN_LEVEL = 0.02  # above it a pixel may be ultrasound
@@ -303,57 +313,142 @@ def need_pydicom(path):
 
 def read_dicom(path, frame=None, count=False):
     """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no image, e.g. a report).
-    Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data)."""
+    Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data).
+    Either way the header is read and checked first (dicom_frames): a file is never decoded past the caps."""
     pydicom = need_pydicom(path)
+    regular_file(path)
+    try:
+        hdr = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as e:
+        raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
+    n = dicom_frames(path, hdr)
+    if count: return n
+    if n == 0: raise UserError(f"{path}: a DICOM without an image (no Rows)")
     ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
     try:
-        if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
-        else: a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
+        a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
     except Exception as e:
-        raise UserError(f"cannot read DICOM {path}{_syntax(path, count)}: {' '.join(str(e).split())}") from None
-    if count: return int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
+        raise UserError(f"cannot read DICOM {path}{_syntax(hdr)}: {' '.join(str(e).split())}") from None
     if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
     if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
     if a.ndim == 2: return a.astype(np.float32), None  # no Modality/VOI LUT: the percentile rescale follows
     # Burnt-in colour: text boxes, logos, colour bars, markers, Doppler. COLOUR = 10 % lies between the chroma noise of
     # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
     # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
+    if not np.issubdtype(a.dtype, np.integer): raise UserError(f"{path}: colour pixels of type {a.dtype}")
     return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
 
 
-def _syntax(path, count):
-    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line: which decoder
-    is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS and JPEG 2000); '' when
-    only the header was read or it does not parse either."""
-    if count:
-        return ""
+def dicom_frames(path, hdr):
+    """Frames a DICOM header declares (0: no image), checked against the caps and the file's size before
+    anything is listed or decoded: a 5 KB file that declares a million frames is refused, not listed."""
+    if "Rows" not in hdr:
+        return 0
     try:
-        import pydicom
-        uid = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-    except Exception:
+        n = int(hdr.get("NumberOfFrames") or 1)
+        rows, cols, bits = int(hdr.Rows), int(hdr.Columns), int(hdr.get("BitsAllocated") or 8)
+    except Exception as e:  # a value that is not a number
+        raise UserError(f"{path}: unreadable DICOM image header ({' '.join(str(e).split())[:120]})") from None
+    if not 1 <= n <= MAX_FRAMES:
+        raise UserError(f"{path}: declares {n} frames (at most {MAX_FRAMES}, MAX_FRAMES)")
+    check_size(path, rows, cols)
+    # The pixels must fit in the file: uncompressed, every pixel holds at least one sample of BitsAllocated
+    # bits; compressed, every frame is at least one 8-byte item. (A deflated file: no cheap bound.)
+    uid = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
+    size = os.path.getsize(path)
+    if uid is None or not (uid.is_encapsulated or uid.is_deflated):
+        need, what = n * rows * cols * max(bits, 1) // 8, f"{n} frames of {cols} x {rows} px"
+    elif uid.is_encapsulated:
+        need, what = 8 * n, f"{n} compressed frames"
+    else:
+        need, what = 0, ""
+    if need > size:
+        raise UserError(f"{path}: declares {what} (>= {need} bytes) in a file of {size} bytes")
+    return n
+
+
+def _syntax(hdr):
+    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line: which decoder
+    is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS and JPEG 2000)."""
+    uid = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None:
         return ""
     return f" (transfer syntax {uid.name} {uid})" if uid.name != str(uid) else f" (transfer syntax {uid})"
 
 
-def read_image(path, frame=None, mask_path=None):
-    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W) bool or None
-    (DICOM only), and the fan from a mask file (H, W) bool or None."""
-    from PIL import Image
-    colour, fan = None, None
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path):
+    """Refuse what is not a regular file, from its stat alone: opening a FIFO waits for a writer forever, a
+    device may never end or act when opened. Raises UserError naming the kind (or why stat failed)."""
     try:
-        if path.lower().endswith(".dcm"):
-            a, colour = read_dicom(path, frame)
-        else:
-            with Image.open(path) as im:
-                im.load()
-                a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
-        if mask_path:
-            with Image.open(mask_path) as mk:
-                fan = np.asarray(mk.convert("L")) > 0
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise UserError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in FILE_KINDS if test(mode)), "not a file")
+        raise UserError(f"{path}: not a regular file ({kind})")
+
+
+def check_size(path, h, w):
+    """Refuse a frame by the size its header declares, before decoding (MAX_SIDE, MIN_SIDE, MAX_ASPECT)."""
+    if max(h, w) > MAX_SIDE:
+        raise UserError(f"{path}: {w} x {h} px, larger than {MAX_SIDE} px on a side (MAX_SIDE)")
+    if min(h, w) < MIN_SIDE:
+        raise UserError(f"{path}: image too small ({w} x {h} px; at least {MIN_SIDE})")
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise UserError(f"{path}: {w} x {h} px, longer than {MAX_ASPECT}:1 (MAX_ASPECT)")
+
+
+@functools.cache
+def _pil():
+    """Pillow's Image and ImageOps. Its decompression-bomb warning (above 89 Mpx) is silenced: check_size
+    refuses every such image by its header with a reason of its own, and a warning would be a second line."""
+    from PIL import Image, ImageOps
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image, ImageOps
+
+
+def decode(path, mask=False):
+    """An image file (not DICOM) -> (H, W) float32, gray unless 16-bit or float; mask=True: (H, W) bool (> 0).
+    Its size is checked from the header before the pixels are decoded, then it is turned upright by its EXIF
+    orientation (as every viewer shows a phone's or a scanner's JPEG), masks too, so the two still match."""
+    Image, ImageOps = _pil()
+    regular_file(path)
+    try:
+        with Image.open(path) as im:  # reads the header only
+            check_size(path, im.height, im.width)
+            im = ImageOps.exif_transpose(im)  # decodes
+            if mask:
+                return np.asarray(im.convert("L")) > 0
+            return np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
+    except UserError:
+        raise
+    except Image.DecompressionBombError as e:  # above 179 Mpx Pillow refuses before check_size sees it
+        raise UserError(f"{path}: larger than {MAX_SIDE} px on a side (MAX_SIDE; {e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
-    if a.ndim != 2 or min(a.shape) < 8:
+    except Exception as e:  # MemoryError, a decoder's own error: this file's, said as such
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def read_image(path, frame=None, mask_path=None):
+    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W) bool or None
+    (DICOM only), and the fan from a mask file (H, W) bool or None. Anything this cannot use is a UserError that
+    names the file and why: not a regular file, too large / small / elongated, undecodable, NaN or infinite."""
+    colour, fan = None, None
+    if path.lower().endswith(".dcm"):
+        a, colour = read_dicom(path, frame)
+    else:
+        a = decode(path)
+    if mask_path:
+        fan = decode(mask_path, mask=True)
+    if a.ndim != 2 or min(a.shape) < MIN_SIDE:
         raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
+    if not np.isfinite(a).all():  # a float TIFF or DICOM: one NaN would make every loss it touches NaN
+        raise UserError(f"{path}: NaN or infinite pixel values")
     if fan is not None and fan.shape != a.shape:
         raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
     return a / max(float(a.max()), 1e-6), colour, fan
@@ -379,23 +474,51 @@ def load_image(path, size, mask_path=None, frame=None):
 
 
 def walk_images(root):
-    """-> sorted paths of the image files below root, names taken literally (no glob patterns), symlinked
-    folders followed once (a link loop or a second link to a folder lists nothing twice)."""
+    """-> sorted paths of the image files below root, names taken literally (no glob patterns). Symlinked
+    folders are followed once (a link loop or a second link to a folder lists nothing twice), in sorted order;
+    a file reached by two names (a symlink, a hard link) is listed once, by the first name in sorted order, so
+    that no held-out image is a training image under another name. Nothing is opened: a FIFO or a device with
+    an image's name is listed and refused with its reason when it would be read (regular_file)."""
     seen, out = set(), []
     for top, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()  # which name a linked folder is listed under must not depend on the file system's order
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
         out += [os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
-    return sorted(out)
+    ids, paths = set(), []
+    for path in sorted(out):
+        try:
+            st = os.stat(path)  # stat, not open: safe on a FIFO
+            key = (st.st_dev, st.st_ino)
+        except OSError:  # a dangling link: listed, and refused with its reason when read
+            key = path
+        if key not in ids:
+            ids.add(key)
+            paths.append(path)
+    return paths
+
+
+def frame_list(path, every):
+    """The frames of one file to list: [None] for an image or a 1-frame DICOM, 0, every, ... for a cine, []
+    for a DICOM without pixels. A file whose header is refused or unreadable, or that is not a regular file,
+    is one item: reading it says why, and the build skips and counts it."""
+    try:
+        n = frames(path)
+    except UserError:
+        return [None]
+    return [None] if n == 1 else list(range(0, n, every))
 
 
 def find_images(root, every=1):
     """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ... for a DICOM cine."""
-    items = [(p, i) for p in walk_images(root) for n in [frames(p)]
-             for i in ([None] if n == 1 else range(0, n, every))]  # n = 0: a DICOM without pixels, skipped
+    paths = walk_images(root)
+    dcm = [p for p in paths if p.lower().endswith(".dcm")]
+    if dcm:
+        need_pydicom(dcm[0])  # without pydicom the run stops, rather than skipping every .dcm file
+    items = [(p, i) for p in paths for i in frame_list(p, every)]
     if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return items
 
@@ -409,18 +532,21 @@ def usable(items, max_bad, min_side):
     """The (path, frame) items that decode to an image of at least min_side px (a patch); the others are skipped and
     counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise.
     (--cache off only: with the cache this happens once, while it is built.)"""
-    from PIL import Image
     from concurrent.futures import ThreadPoolExecutor
 
-    def ok(item):  # a full decode: a truncated PNG/JPEG opens fine and fails only here
+    def why(item):  # a full decode, screened as the cache build screens it: "" if usable
         try:
-            if item[0].lower().endswith(".dcm"): return min(read_dicom(*item)[0].shape) >= min_side
-            with Image.open(item[0]) as im: im.load(); return min(im.size) >= min_side
-        except Exception: return False
-    with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, items))  # decoders release the GIL
-    bad = [f"{p}" + (f" frame {i}" if i is not None else "") for (p, i), g in zip(items, good) if not g]
+            a = read_image(*item)[0]
+        except UserError as e:
+            return str(e).replace(f"{item[0]}: ", "").replace(f" {item[0]}", "")
+        except Exception as e:  # anything else is this file's too
+            return f"{type(e).__name__}: {e}"
+        return "" if min(a.shape) >= min_side else f"smaller than {min_side} px"
+    with ThreadPoolExecutor(8) as pool:
+        whys = list(pool.map(why, items))  # decoders release the GIL
+    bad = [f"{p}" + (f" frame {i}" if i is not None else "") + f" ({w})" for (p, i), w in zip(items, whys) if w]
     screen(bad, len(items), max_bad, min_side)
-    return [f for f, g in zip(items, good) if g]
+    return [f for f, w in zip(items, whys) if not w]
 
 
 def screen(bad, n, max_bad, min_side, say=print):
@@ -444,7 +570,7 @@ def screen(bad, n, max_bad, min_side, say=print):
 # deletes the old ones. A build killed at any point leaves the old index (or none): never a cache that loads
 # with rows missing. Readers map the arrays they opened, so a later rebuild does not pull them away.
 
-CACHE_VERSION = 1  # bump whenever preprocessing changes what a row holds: every older cache is then rebuilt
+CACHE_VERSION = 2  # bump whenever preprocessing changes what a row holds: every older cache is then rebuilt
 
 
 def cache_folder(choice, kind, name, params):
@@ -708,26 +834,23 @@ def file_items(root, every, folder, params):
     except Exception:  # no usable index: every file is new
         pass
     items, keys, paths = [], [], walk_images(root)
-    if any(p.lower().endswith(".dcm") for p in paths):
-        need_pydicom(next(p for p in paths if p.lower().endswith(".dcm")))
+    dcm = [p for p in paths if p.lower().endswith(".dcm")]
+    if dcm:
+        need_pydicom(dcm[0])  # without pydicom the run stops, rather than skipping every .dcm file
     for path in paths:
         rel = os.path.relpath(path, root)
         try:
             st = os.stat(path)
-        except OSError:
-            continue  # vanished between listing and stat
-        sig = (rel, st.st_size, st.st_mtime_ns)
+            sig = (rel, st.st_size, st.st_mtime_ns)
+        except OSError:  # a dangling link, or vanished since the listing: one item, refused when read
+            sig = (rel, None, None)
         if sig in known and path.lower().endswith(".dcm"):
             fr = known[sig]
         else:
-            try:
-                n = frames(path)
-            except UserError:
-                n = 1  # an unreadable header: one item, counted as bad when the build decodes it
-            fr = [None] if n == 1 else list(range(0, n, every))
+            fr = frame_list(path, every)  # opens nothing that is not a regular file
         for i in fr:
             items.append((path, i, None))
-            keys.append([rel, i, st.st_size, st.st_mtime_ns])
+            keys.append([sig[0], i, sig[1], sig[2]])
     if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return items, keys
 
