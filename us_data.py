@@ -897,6 +897,7 @@ def probe_data(p, size):
     for split, rs in recs.items():
         if any(not os.path.exists(r[0]) for r in rs):
             raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
+    one_file_one_label(recs)
     if p.cache == "off":
         for split, rs in recs.items():
             pairs = [load_image(f, size, mp, i) for f, _, mp, i in rs]
@@ -919,6 +920,24 @@ def probe_data(p, size):
     return out, classes
 
 
+def one_file_one_label(recs):
+    """Refuse one file (by device and inode: another name or a link is the same file) under two labels, or in
+    test and in train or val: a test image the probe trained on would raise its score silently."""
+    seen = {}
+    for split in ("train", "val", "test"):
+        for f, y, _, i in recs[split]:
+            st = os.stat(f)
+            key = (st.st_dev, st.st_ino, i)
+            if key not in seen:
+                seen[key] = split, f, y
+                continue
+            s0, f0, y0 = seen[key]
+            if y0 != y:
+                raise UserError(f"{f} ({split}, label {y}) is {f0} ({s0}, label {y0}): one image, two labels")
+            if (split == "test") != (s0 == "test"):
+                raise UserError(f"{f} ({split}) is {f0} ({s0}): a test image the probe would also train on")
+
+
 def stat_key(root, path, frame, mask):
     """What identifies a probe item's content: its image's and its mask's path, size and mtime, and the frame."""
     key = [os.path.relpath(path, root), frame]
@@ -930,30 +949,41 @@ def stat_key(root, path, frame, mask):
 
 def probe_records(root):
     """-> {split: [(image path, label, mask path or None, frame or None)]} and the class names, from an
-    UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*)."""
+    UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*). Every label of every
+    split is one of the training split's classes; anything else is one line naming the record or folder."""
     if not os.path.isdir(root): raise UserError(f"--data {root}: no such directory")
     recs = {}
     ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1 (PyPI)
     if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout: val carved below
         ub = {"train": "train_val.json", "test": "test.json"}
     if os.path.exists(os.path.join(root, ub["train"])):
-        for split, name in ub.items():
+        for split, name in ub.items():  # train first: its labels are the classes the others are held to
             if not os.path.exists(os.path.join(root, name)): raise UserError(f"{root}: no {name}")
-            with open(os.path.join(root, name)) as f:
-                recs[split] = [(os.path.join(root, r["image"]), int(r["label"]),
-                                r.get("scan_mask") and os.path.join(root, r["scan_mask"]), None) for r in json.load(f)]
-        classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
-        if [int(c) for c in classes] != list(range(len(classes))):
-            raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
+            recs[split] = [_record(root, name, k, r) for k, r in enumerate(_json_list(root, name))]
+            if split == "train":
+                classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
+                if [int(c) for c in classes] != list(range(len(classes))):
+                    raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
+            for k, r in enumerate(recs[split]):
+                if not 0 <= r[1] < len(classes):
+                    raise UserError(f"{os.path.join(root, name)} record {k}: label {r[1]} is not a class of "
+                                    f"{ub['train']} (0..{len(classes) - 1})")
     else:  # ImageFolder: DIR/{train,val,test}/<class>/*.png
         if not os.path.isdir(os.path.join(root, "train")):
             raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench (train_val.json)")
         classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
         if len(classes) < 2: raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
         for split in ("train", "val", "test"):
-            if os.path.isdir(os.path.join(root, split)):
-                recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: frame of a DICOM cine
-                               for f, i in find_images(os.path.join(root, split, name))]
+            folder = os.path.join(root, split)
+            if not os.path.isdir(folder):
+                continue
+            for e in sorted(os.scandir(folder), key=lambda e: e.name):
+                if e.is_dir() and e.name not in classes:  # its images would be dropped, or scored as nothing
+                    raise UserError(f"{e.path}: a class folder that {root}/train lacks (its classes: {classes})")
+                if not e.is_dir() and e.name.lower().endswith(IMAGE_EXTS):  # no class: it would be dropped
+                    raise UserError(f"{e.path}: an image outside the class folders ({split}/<class>/...)")
+            recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: frame of a DICOM cine
+                           for f, i in find_images(os.path.join(folder, name))]
     if len(classes) < 2: raise UserError(f"{root}: need at least 2 classes, found {classes}")
     if "test" not in recs: raise UserError(f"{root}: no test split")
     if "val" not in recs:  # carve 10 % of train with a fixed seed (the paper does not say how it validated)
@@ -962,3 +992,51 @@ def probe_records(root):
         recs["val"] = [recs["train"][i] for i in perm[:cut]]
         recs["train"] = [recs["train"][i] for i in perm[cut:]]
     return recs, classes
+
+
+def _json_list(root, name):
+    """The records of one UltraBench JSON file: a list, or one line saying what the file holds instead."""
+    path = os.path.join(root, name)
+    try:
+        regular_file(path)  # a FIFO would hang the open
+        with open(path, encoding="utf-8") as f:
+            recs = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    if not isinstance(recs, list):
+        raise UserError(f'{path}: a JSON list of records {{"image": ..., "label": ...}} expected, '
+                        f"found {type(recs).__name__}")
+    if not recs:
+        raise UserError(f"{path}: no records")
+    return recs
+
+
+def _record(root, name, k, r):
+    """Record k of a JSON file -> (image path, label, mask path or None, None). Paths are relative to the
+    dataset folder and stay inside it; the label is an integer (a float only if integral: 1.0, as some
+    exporters write it; never a string or a bool)."""
+    where = f"{os.path.join(root, name)} record {k}"
+    if not isinstance(r, dict):
+        raise UserError(f'{where}: {{"image": ..., "label": ...}} expected, found {json.dumps(r)[:60]}')
+    for key in ("image", "label"):
+        if key not in r:
+            raise UserError(f'{where}: no "{key}"')
+    y = r["label"]
+    if isinstance(y, bool) or not isinstance(y, (int, float)) or (isinstance(y, float) and not y.is_integer()):
+        raise UserError(f"{where}: label {json.dumps(y)[:60]} is not an integer")
+    mask = r.get("scan_mask")
+    return _inside(root, where, "image", r["image"]), int(y), mask and _inside(root, where, "scan_mask", mask), None
+
+
+def _inside(root, where, key, rel):
+    """root joined with a record's relative path, refused if it is not a relative path that stays in root
+    (an absolute path or one whose .. leaves it): the file names the dataset, not what it points at. Links
+    inside root are the user's own: followed."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise UserError(f'{where}: "{key}" is not a path ({json.dumps(rel)[:60]})')
+    base, path = os.path.abspath(root), os.path.abspath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([base, path]) != base or path == base:
+        raise UserError(f'{where}: "{key}" {rel} is not inside {root} (paths are relative to the dataset folder)')
+    return os.path.normpath(os.path.join(root, rel))
