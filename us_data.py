@@ -9,7 +9,7 @@ file; this file never imports us_jepa.py.
   Images          the pretraining images by index (synthetic or files)
   probe_data      the labelled splits of a probe task (built-in, ImageFolder or UltraBench)
 """
-import functools, hashlib, json, math, os, stat, time, warnings
+import hashlib, json, math, os, stat, time, warnings
 
 import numpy as np
 import torch
@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+    """Bad input from the user: printed as one line, exit code 2, no traceback. One line even when
+    a file's name holds a newline or a terminal escape: those are shown escaped (\\n, \\x1b)."""
+    def __str__(self):
+        return one_line(super().__str__())
+
+
+def one_line(text):
+    """text with every unprintable character (newline, tab, escape) written as its Python escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,16 +175,16 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
 # Real images: files and DICOM frames, the fan mask, preprocessing, and the pretraining images by index.
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
-# What one file may cost, checked from its header before a pixel is decoded (ours). A frame is zero-padded
-# to a square before the resize, so it costs the square of its longer side however thin it is: a
-# 40000 x 16 PNG (0.6 Mpx) would ask for 40000^2 floats. Real frames are ~0.5-2k px on a side.
-MAX_SIDE = 4096  # px on the longer side: a 4K screen capture (3840 x 2160) fits; 4096^2 peaks at ~0.85 GB
-#                  in a build process (measured, tests/test_hostile_data.py), the bound for any file
+# What one file may cost, checked from its header before a pixel is decoded (ours). A frame is
+# zero-padded to a square before the resize, so it costs the square of its longer side however thin
+# it is: a 40000 x 16 PNG (0.6 Mpx) asked for 40000^2 floats. Real frames are ~0.5-2k px on a side.
+MAX_SIDE = 4096  # px on the longer side: a 4K screen capture (3840 x 2160) fits. A 4096^2 frame
+#                  peaks at ~0.85 GB in a build process (measured, tests/test_hostile_data.py)
 MIN_SIDE = 8  # px on the shorter side: below it there is no image to speak of
-MAX_ASPECT = 8  # longer / shorter side: panoramic (extended field of view) frames reach ~4:1; past 8:1 the
-#                 image fills under 1/8 of the padded square (less than a 16-px patch at 96 px)
-MAX_FRAMES = 10_000  # frames one DICOM may declare: 100 s of cine at 100 frames/s; the listing holds one
-#                      item per frame, so a header declaring millions would hang it
+MAX_ASPECT = 8  # longer / shorter side: panoramic (extended field of view) frames reach ~4:1; past
+#                 8:1 the image fills under 1/8 of the padded square (< a 16-px patch at 96 px)
+MAX_FRAMES = 10_000  # frames one DICOM may declare: 100 s of cine at 100 frames/s. The listing
+#                      holds one item per frame: a header declaring millions would hang it
 COLOUR = 0.1  # a pixel is burnt-in colour if max(R,G,B) - min(R,G,B) > 10 % of full scale (ours; see read_dicom)
 # fan_mask's levels, fractions of the frame's maximum (ours: UltraBench states none).
 FAN_LEVEL = 0.02  # above it a pixel may be ultrasound
@@ -312,9 +320,10 @@ def need_pydicom(path):
 
 
 def read_dicom(path, frame=None, count=False):
-    """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no image, e.g. a report).
-    Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data).
-    Either way the header is read and checked first (dicom_frames): a file is never decoded past the caps."""
+    """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no
+    image, e.g. a report). Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W)
+    bool (None for 1-sample data). Either way the header is read and checked first (dicom_frames):
+    no file is decoded past the caps."""
     pydicom = need_pydicom(path)
     regular_file(path)
     try:
@@ -322,38 +331,44 @@ def read_dicom(path, frame=None, count=False):
     except Exception as e:
         raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
     n = dicom_frames(path, hdr)
-    if count: return n
-    if n == 0: raise UserError(f"{path}: a DICOM without an image (no Rows)")
+    if count:
+        return n
+    if n == 0:
+        raise UserError(f"{path}: a DICOM without an image (no Rows)")
     ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
-    try:
-        a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
+    try:  # YBR_FULL(_422) arrives as RGB
+        a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)
     except Exception as e:
-        raise UserError(f"cannot read DICOM {path}{_syntax(hdr)}: {' '.join(str(e).split())}") from None
+        why = " ".join(str(e).split())
+        raise UserError(f"cannot read DICOM {path}{_syntax(hdr)}: {why}") from None
     if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
     if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
     if a.ndim == 2: return a.astype(np.float32), None  # no Modality/VOI LUT: the percentile rescale follows
     # Burnt-in colour: text boxes, logos, colour bars, markers, Doppler. COLOUR = 10 % lies between the chroma noise of
     # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
     # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
-    if not np.issubdtype(a.dtype, np.integer): raise UserError(f"{path}: colour pixels of type {a.dtype}")
+    if not np.issubdtype(a.dtype, np.integer):  # COLOUR needs a full scale
+        raise UserError(f"{path}: colour pixels of type {a.dtype}")
     return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
 
 
 def dicom_frames(path, hdr):
-    """Frames a DICOM header declares (0: no image), checked against the caps and the file's size before
-    anything is listed or decoded: a 5 KB file that declares a million frames is refused, not listed."""
+    """Frames a DICOM header declares (0: no image), checked against the caps and the file's size
+    before anything is listed or decoded: a 5 KB file that declares a million frames is refused."""
     if "Rows" not in hdr:
         return 0
     try:
-        n = int(hdr.get("NumberOfFrames") or 1)
+        n = hdr.get("NumberOfFrames")
+        n = 1 if n is None or n == "" else int(n)  # absent: one frame; 0 declares none
         rows, cols, bits = int(hdr.Rows), int(hdr.Columns), int(hdr.get("BitsAllocated") or 8)
     except Exception as e:  # a value that is not a number
-        raise UserError(f"{path}: unreadable DICOM image header ({' '.join(str(e).split())[:120]})") from None
+        why = " ".join(str(e).split())[:120]
+        raise UserError(f"{path}: unreadable DICOM image header ({why})") from None
     if not 1 <= n <= MAX_FRAMES:
         raise UserError(f"{path}: declares {n} frames (at most {MAX_FRAMES}, MAX_FRAMES)")
     check_size(path, rows, cols)
-    # The pixels must fit in the file: uncompressed, every pixel holds at least one sample of BitsAllocated
-    # bits; compressed, every frame is at least one 8-byte item. (A deflated file: no cheap bound.)
+    # The pixels must fit in the file: uncompressed, every pixel holds at least one sample of
+    # BitsAllocated bits; compressed, every frame is at least one 8-byte item. Deflated: no bound.
     uid = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
     size = os.path.getsize(path)
     if uid is None or not (uid.is_encapsulated or uid.is_deflated):
@@ -368,21 +383,26 @@ def dicom_frames(path, hdr):
 
 
 def _syntax(hdr):
-    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line: which decoder
-    is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS and JPEG 2000)."""
+    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line:
+    which decoder is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS
+    and JPEG 2000)."""
     uid = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
     if uid is None:
         return ""
-    return f" (transfer syntax {uid.name} {uid})" if uid.name != str(uid) else f" (transfer syntax {uid})"
+    if uid.name != str(uid):
+        return f" (transfer syntax {uid.name} {uid})"
+    return f" (transfer syntax {uid})"
 
 
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
 
 
 def regular_file(path):
-    """Refuse what is not a regular file, from its stat alone: opening a FIFO waits for a writer forever, a
-    device may never end or act when opened. Raises UserError naming the kind (or why stat failed)."""
+    """Refuse what is not a regular file, from its stat alone: opening a FIFO waits for a writer
+    forever, a device may never end or act when opened. UserError naming the kind, or stat's
+    reason."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
@@ -393,7 +413,8 @@ def regular_file(path):
 
 
 def check_size(path, h, w):
-    """Refuse a frame by the size its header declares, before decoding (MAX_SIDE, MIN_SIDE, MAX_ASPECT)."""
+    """Refuse a frame by the size its header declares, before decoding (MAX_SIDE, MIN_SIDE,
+    MAX_ASPECT)."""
     if max(h, w) > MAX_SIDE:
         raise UserError(f"{path}: {w} x {h} px, larger than {MAX_SIDE} px on a side (MAX_SIDE)")
     if min(h, w) < MIN_SIDE:
@@ -402,31 +423,30 @@ def check_size(path, h, w):
         raise UserError(f"{path}: {w} x {h} px, longer than {MAX_ASPECT}:1 (MAX_ASPECT)")
 
 
-@functools.cache
-def _pil():
-    """Pillow's Image and ImageOps. Its decompression-bomb warning (above 89 Mpx) is silenced: check_size
-    refuses every such image by its header with a reason of its own, and a warning would be a second line."""
-    from PIL import Image, ImageOps
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    return Image, ImageOps
-
-
 def decode(path, mask=False):
-    """An image file (not DICOM) -> (H, W) float32, gray unless 16-bit or float; mask=True: (H, W) bool (> 0).
-    Its size is checked from the header before the pixels are decoded, then it is turned upright by its EXIF
-    orientation (as every viewer shows a phone's or a scanner's JPEG), masks too, so the two still match."""
-    Image, ImageOps = _pil()
+    """An image file (not DICOM) -> (H, W) float32, gray unless 16-bit or float; mask=True: (H, W)
+    bool (> 0). Its size is checked from the header before the pixels are decoded; then it is
+    turned upright by its EXIF orientation, as every viewer shows it (masks too: they still
+    match)."""
+    from PIL import Image, ImageOps
     regular_file(path)
     try:
-        with Image.open(path) as im:  # reads the header only
+        # Pillow's decompression-bomb warning (above 89 Mpx) would be a second line on stderr:
+        # check_size refuses every such image with a reason of its own.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # reads the header only
+        with im:
             check_size(path, im.height, im.width)
             im = ImageOps.exif_transpose(im)  # decodes
             if mask:
                 return np.asarray(im.convert("L")) > 0
-            return np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
+            if im.mode not in ("I;16", "I;16B", "I", "F"):  # 16-bit and float keep their values
+                im = im.convert("L")
+            return np.asarray(im, np.float32)
     except UserError:
         raise
-    except Image.DecompressionBombError as e:  # above 179 Mpx Pillow refuses before check_size sees it
+    except Image.DecompressionBombError as e:  # above 179 Mpx: Pillow refuses in Image.open
         raise UserError(f"{path}: larger than {MAX_SIDE} px on a side (MAX_SIDE; {e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
@@ -435,9 +455,10 @@ def decode(path, mask=False):
 
 
 def read_image(path, frame=None, mask_path=None):
-    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W) bool or None
-    (DICOM only), and the fan from a mask file (H, W) bool or None. Anything this cannot use is a UserError that
-    names the file and why: not a regular file, too large / small / elongated, undecodable, NaN or infinite."""
+    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W)
+    bool or None (DICOM only), and the fan from a mask file (H, W) bool or None. What it cannot use
+    is a UserError naming the file and why: not a regular file, too large / small / elongated,
+    undecodable, NaN or infinite values."""
     colour, fan = None, None
     if path.lower().endswith(".dcm"):
         a, colour = read_dicom(path, frame)
@@ -447,7 +468,7 @@ def read_image(path, frame=None, mask_path=None):
         fan = decode(mask_path, mask=True)
     if a.ndim != 2 or min(a.shape) < MIN_SIDE:
         raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
-    if not np.isfinite(a).all():  # a float TIFF or DICOM: one NaN would make every loss it touches NaN
+    if not np.isfinite(a).all():  # a float TIFF or DICOM: one NaN makes every loss it touches NaN
         raise UserError(f"{path}: NaN or infinite pixel values")
     if fan is not None and fan.shape != a.shape:
         raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
@@ -474,14 +495,14 @@ def load_image(path, size, mask_path=None, frame=None):
 
 
 def walk_images(root):
-    """-> sorted paths of the image files below root, names taken literally (no glob patterns). Symlinked
-    folders are followed once (a link loop or a second link to a folder lists nothing twice), in sorted order;
-    a file reached by two names (a symlink, a hard link) is listed once, by the first name in sorted order, so
-    that no held-out image is a training image under another name. Nothing is opened: a FIFO or a device with
-    an image's name is listed and refused with its reason when it would be read (regular_file)."""
+    """-> sorted paths of the image files below root, names taken literally (no glob patterns).
+    Symlinked folders are followed once (a link loop or a second link to a folder lists nothing
+    twice), in sorted order; a file reached by two names (a symlink, a hard link) is listed once, by
+    its first name in sorted order, so that no held-out image is a training image renamed. Nothing
+    is opened: a FIFO or a device named like an image is listed, and refused when read."""
     seen, out = set(), []
     for top, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()  # which name a linked folder is listed under must not depend on the file system's order
+        dirs.sort()  # the name a linked folder is listed under must not depend on the disk's order
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
@@ -502,9 +523,9 @@ def walk_images(root):
 
 
 def frame_list(path, every):
-    """The frames of one file to list: [None] for an image or a 1-frame DICOM, 0, every, ... for a cine, []
-    for a DICOM without pixels. A file whose header is refused or unreadable, or that is not a regular file,
-    is one item: reading it says why, and the build skips and counts it."""
+    """The frames of one file to list: [None] for an image or a 1-frame DICOM, 0, every, ... for
+    a cine, [] for a DICOM without pixels. A file whose header is refused or unreadable, or that is
+    not a regular file, is one item: reading it says why, and the build skips and counts it."""
     try:
         n = frames(path)
     except UserError:
@@ -513,13 +534,15 @@ def frame_list(path, every):
 
 
 def find_images(root, every=1):
-    """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ... for a DICOM cine."""
+    """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ...
+    for a DICOM cine."""
     paths = walk_images(root)
     dcm = [p for p in paths if p.lower().endswith(".dcm")]
     if dcm:
         need_pydicom(dcm[0])  # without pydicom the run stops, rather than skipping every .dcm file
     items = [(p, i) for p in paths for i in frame_list(p, every)]
-    if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
+    if not items:
+        raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return items
 
 
@@ -529,9 +552,10 @@ def frames(path):
 
 
 def usable(items, max_bad, min_side):
-    """The (path, frame) items that decode to an image of at least min_side px (a patch); the others are skipped and
-    counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise.
-    (--cache off only: with the cache this happens once, while it is built.)"""
+    """The (path, frame) items that decode to an image of at least min_side px (a patch); the others
+    are skipped and counted with their reason, and the run stops if they are more than a share
+    max_bad: mostly broken files are a mistake, not noise. (--cache off only: with the cache this
+    happens once, while it is built.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     def why(item):  # a full decode, screened as the cache build screens it: "" if usable
@@ -544,7 +568,8 @@ def usable(items, max_bad, min_side):
         return "" if min(a.shape) >= min_side else f"smaller than {min_side} px"
     with ThreadPoolExecutor(8) as pool:
         whys = list(pool.map(why, items))  # decoders release the GIL
-    bad = [f"{p}" + (f" frame {i}" if i is not None else "") + f" ({w})" for (p, i), w in zip(items, whys) if w]
+    bad = [p + (f" frame {i}" if i is not None else "") + f" ({w})"
+           for (p, i), w in zip(items, whys) if w]
     screen(bad, len(items), max_bad, min_side)
     return [f for f, w in zip(items, whys) if not w]
 
@@ -555,7 +580,8 @@ def screen(bad, n, max_bad, min_side, say=print):
         raise UserError(f"{len(bad)} of {n} image files are unreadable or smaller than {min_side} px "
                         f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
     if bad:
-        say(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, e.g. {bad[0]}")
+        say(one_line(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, "
+                     f"e.g. {bad[0]}"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -570,7 +596,8 @@ def screen(bad, n, max_bad, min_side, say=print):
 # deletes the old ones. A build killed at any point leaves the old index (or none): never a cache that loads
 # with rows missing. Readers map the arrays they opened, so a later rebuild does not pull them away.
 
-CACHE_VERSION = 2  # bump whenever preprocessing changes what a row holds: every older cache is then rebuilt
+# Bump whenever preprocessing changes what a row holds: every older cache is then rebuilt.
+CACHE_VERSION = 2  # 2: EXIF orientation applied
 
 
 def cache_folder(choice, kind, name, params):
@@ -842,7 +869,7 @@ def file_items(root, every, folder, params):
         try:
             st = os.stat(path)
             sig = (rel, st.st_size, st.st_mtime_ns)
-        except OSError:  # a dangling link, or vanished since the listing: one item, refused when read
+        except OSError:  # a dangling link, or gone since the listing: one item, refused when read
             sig = (rel, None, None)
         if sig in known and path.lower().endswith(".dcm"):
             fr = known[sig]
@@ -921,8 +948,9 @@ def probe_data(p, size):
 
 
 def one_file_one_label(recs):
-    """Refuse one file (by device and inode: another name or a link is the same file) under two labels, or in
-    test and in train or val: a test image the probe trained on would raise its score silently."""
+    """Refuse one file (by device and inode: another name or a link is the same file) under two
+    labels, or in test and in train or val: a test image the probe trained on raises its score
+    silently."""
     seen = {}
     for split in ("train", "val", "test"):
         for f, y, _, i in recs[split]:
@@ -933,9 +961,11 @@ def one_file_one_label(recs):
                 continue
             s0, f0, y0 = seen[key]
             if y0 != y:
-                raise UserError(f"{f} ({split}, label {y}) is {f0} ({s0}, label {y0}): one image, two labels")
+                raise UserError(f"{f} ({split}, label {y}) is {f0} ({s0}, label {y0}): "
+                                "one image, two labels")
             if (split == "test") != (s0 == "test"):
-                raise UserError(f"{f} ({split}) is {f0} ({s0}): a test image the probe would also train on")
+                raise UserError(f"{f} ({split}) is {f0} ({s0}): "
+                                "a test image the probe would also train on")
 
 
 def stat_key(root, path, frame, mask):
@@ -948,17 +978,20 @@ def stat_key(root, path, frame, mask):
 
 
 def probe_records(root):
-    """-> {split: [(image path, label, mask path or None, frame or None)]} and the class names, from an
-    UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*). Every label of every
-    split is one of the training split's classes; anything else is one line naming the record or folder."""
-    if not os.path.isdir(root): raise UserError(f"--data {root}: no such directory")
+    """-> {split: [(image path, label, mask path or None, frame or None)]} and the class names, from
+    an UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*). Every
+    label of every split is one of the training split's classes; anything else is one line naming
+    the record or the folder."""
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root}: no such directory")
     recs = {}
-    ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1 (PyPI)
-    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout: val carved below
+    ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1
+    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout
         ub = {"train": "train_val.json", "test": "test.json"}
     if os.path.exists(os.path.join(root, ub["train"])):
-        for split, name in ub.items():  # train first: its labels are the classes the others are held to
-            if not os.path.exists(os.path.join(root, name)): raise UserError(f"{root}: no {name}")
+        for split, name in ub.items():  # train first: its labels are the classes of every split
+            if not os.path.exists(os.path.join(root, name)):
+                raise UserError(f"{root}: no {name}")
             recs[split] = [_record(root, name, k, r) for k, r in enumerate(_json_list(root, name))]
             if split == "train":
                 classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
@@ -966,27 +999,33 @@ def probe_records(root):
                     raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
             for k, r in enumerate(recs[split]):
                 if not 0 <= r[1] < len(classes):
-                    raise UserError(f"{os.path.join(root, name)} record {k}: label {r[1]} is not a class of "
-                                    f"{ub['train']} (0..{len(classes) - 1})")
+                    raise UserError(f"{os.path.join(root, name)} record {k}: label {r[1]} is not a "
+                                    f"class of {ub['train']} (0..{len(classes) - 1})")
     else:  # ImageFolder: DIR/{train,val,test}/<class>/*.png
         if not os.path.isdir(os.path.join(root, "train")):
-            raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench (train_val.json)")
+            raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench "
+                            "(train_val.json)")
         classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
-        if len(classes) < 2: raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
+        if len(classes) < 2:
+            raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
         for split in ("train", "val", "test"):
             folder = os.path.join(root, split)
             if not os.path.isdir(folder):
                 continue
             for e in sorted(os.scandir(folder), key=lambda e: e.name):
-                if e.is_dir() and e.name not in classes:  # its images would be dropped, or scored as nothing
-                    raise UserError(f"{e.path}: a class folder that {root}/train lacks (its classes: {classes})")
-                if not e.is_dir() and e.name.lower().endswith(IMAGE_EXTS):  # no class: it would be dropped
-                    raise UserError(f"{e.path}: an image outside the class folders ({split}/<class>/...)")
-            recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: frame of a DICOM cine
+                if e.is_dir() and e.name not in classes:  # dropped before: silently unscored
+                    raise UserError(f"{e.path}: a class folder that {root}/train lacks "
+                                    f"(its classes: {classes})")
+                if not e.is_dir() and e.name.lower().endswith(IMAGE_EXTS):  # no class: dropped
+                    raise UserError(f"{e.path}: an image outside the class folders "
+                                    f"({split}/<class>/...)")
+            recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: a cine's frame
                            for f, i in find_images(os.path.join(folder, name))]
-    if len(classes) < 2: raise UserError(f"{root}: need at least 2 classes, found {classes}")
-    if "test" not in recs: raise UserError(f"{root}: no test split")
-    if "val" not in recs:  # carve 10 % of train with a fixed seed (the paper does not say how it validated)
+    if len(classes) < 2:
+        raise UserError(f"{root}: need at least 2 classes, found {classes}")
+    if "test" not in recs:
+        raise UserError(f"{root}: no test split")
+    if "val" not in recs:  # carve 10 % of train, fixed seed (the paper does not say how it did)
         perm = np.random.default_rng(0).permutation(len(recs["train"]))
         cut = max(1, len(perm) // 10)
         recs["val"] = [recs["train"][i] for i in perm[:cut]]
@@ -995,13 +1034,13 @@ def probe_records(root):
 
 
 def _json_list(root, name):
-    """The records of one UltraBench JSON file: a list, or one line saying what the file holds instead."""
+    """The records of one UltraBench JSON file: a list, or one line saying what the file holds."""
     path = os.path.join(root, name)
     try:
         regular_file(path)  # a FIFO would hang the open
         with open(path, encoding="utf-8") as f:
             recs = json.load(f)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
         raise UserError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
     except OSError as e:
         raise UserError(f"{path}: {e.strerror}") from None
@@ -1014,29 +1053,33 @@ def _json_list(root, name):
 
 
 def _record(root, name, k, r):
-    """Record k of a JSON file -> (image path, label, mask path or None, None). Paths are relative to the
-    dataset folder and stay inside it; the label is an integer (a float only if integral: 1.0, as some
-    exporters write it; never a string or a bool)."""
+    """Record k of a JSON file -> (image path, label, mask path or None, None). Paths are relative
+    to the dataset folder and stay inside it; the label is an integer (a float only if integral:
+    1.0, as some exporters write it; never a string or a bool)."""
     where = f"{os.path.join(root, name)} record {k}"
     if not isinstance(r, dict):
-        raise UserError(f'{where}: {{"image": ..., "label": ...}} expected, found {json.dumps(r)[:60]}')
+        raise UserError(f'{where}: {{"image": ..., "label": ...}} expected, '
+                        f"found {json.dumps(r)[:60]}")
     for key in ("image", "label"):
         if key not in r:
             raise UserError(f'{where}: no "{key}"')
     y = r["label"]
-    if isinstance(y, bool) or not isinstance(y, (int, float)) or (isinstance(y, float) and not y.is_integer()):
+    integral = isinstance(y, int) or (isinstance(y, float) and y.is_integer())
+    if isinstance(y, bool) or not integral:
         raise UserError(f"{where}: label {json.dumps(y)[:60]} is not an integer")
     mask = r.get("scan_mask")
-    return _inside(root, where, "image", r["image"]), int(y), mask and _inside(root, where, "scan_mask", mask), None
+    mask = mask and _inside(root, where, "scan_mask", mask)
+    return _inside(root, where, "image", r["image"]), int(y), mask, None
 
 
 def _inside(root, where, key, rel):
-    """root joined with a record's relative path, refused if it is not a relative path that stays in root
-    (an absolute path or one whose .. leaves it): the file names the dataset, not what it points at. Links
-    inside root are the user's own: followed."""
+    """root joined with a record's path, refused unless it is a relative path that stays in root
+    (not absolute, no .. that leaves it): the file names the dataset, not what lies beside it.
+    Links inside root are the user's own: followed."""
     if not isinstance(rel, str) or not rel or "\0" in rel:
         raise UserError(f'{where}: "{key}" is not a path ({json.dumps(rel)[:60]})')
     base, path = os.path.abspath(root), os.path.abspath(os.path.join(root, rel))
     if os.path.isabs(rel) or os.path.commonpath([base, path]) != base or path == base:
-        raise UserError(f'{where}: "{key}" {rel} is not inside {root} (paths are relative to the dataset folder)')
+        raise UserError(f'{where}: "{key}" {rel} is not inside {root} '
+                        "(paths are relative to the dataset folder)")
     return os.path.normpath(os.path.join(root, rel))
