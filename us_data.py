@@ -20,7 +20,12 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback. One line even when
     a file's name holds a newline or a terminal escape: those are shown escaped (\\n, \\x1b)."""
     def __str__(self):
-        return one_line(super().__str__())
+        text = super().__str__()
+        if text.startswith("Caught UserError in DataLoader worker") and "UserError: " in text:
+            # torch re-raises a worker's UserError with the worker's traceback as its text (20
+            # lines): the worker's own line is the traceback's last
+            text = text.rstrip().rsplit("UserError: ", 1)[1]
+        return one_line(text)
 
 
 def one_line(text):

@@ -323,6 +323,22 @@ def test_a_newline_in_a_name_stays_one_line(tmp_path, capsys):
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
 
 
+def test_a_data_loader_workers_user_error_is_its_own_line():
+    """torch re-raises a worker's UserError with the worker's whole traceback as its text: str()
+    gives back the worker's one line."""
+    import torch
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise D.UserError("/x/a.png: NaN or infinite pixel values")
+    with pytest.raises(D.UserError) as e:
+        next(iter(torch.utils.data.DataLoader(Broken(), batch_size=None, num_workers=1)))
+    assert str(e.value) == "/x/a.png: NaN or infinite pixel values"
+
+
 # ------------------------------------------------------------------------------------------------
 # Probe data: UltraBench records and ImageFolder layouts.
 
