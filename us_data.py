@@ -9,7 +9,7 @@ file; this file never imports us_jepa.py.
   Images          the pretraining images by index (synthetic or files)
   probe_data      the labelled splits of a probe task (built-in, ImageFolder or UltraBench)
 """
-import hashlib, json, math, os, time
+import hashlib, json, math, os, stat, time, warnings
 
 import numpy as np
 import torch
@@ -17,7 +17,20 @@ import torch.nn.functional as F
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+    """Bad input from the user: printed as one line, exit code 2, no traceback. One line even when
+    a file's name holds a newline or a terminal escape: those are shown escaped (\\n, \\x1b)."""
+    def __str__(self):
+        text = super().__str__()
+        if text.startswith("Caught UserError in DataLoader worker") and "UserError: " in text:
+            # torch re-raises a worker's UserError with the worker's traceback as its text (20
+            # lines): the worker's own line is the traceback's last
+            text = text.rstrip().rsplit("UserError: ", 1)[1]
+        return one_line(text)
+
+
+def one_line(text):
+    """text with every unprintable character (newline, tab, escape) written as its Python escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,6 +180,16 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
 # Real images: files and DICOM frames, the fan mask, preprocessing, and the pretraining images by index.
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
+# What one file may cost, checked from its header before a pixel is decoded (ours). A frame is
+# zero-padded to a square before the resize, so it costs the square of its longer side however thin
+# it is: a 40000 x 16 PNG (0.6 Mpx) asked for 40000^2 floats. Real frames are ~0.5-2k px on a side.
+MAX_SIDE = 4096  # px on the longer side: a 4K screen capture (3840 x 2160) fits. A 4096^2 frame
+#                  peaks at ~0.85 GB in a build process (measured, tests/test_hostile_data.py)
+MIN_SIDE = 8  # px on the shorter side: below it there is no image to speak of
+MAX_ASPECT = 8  # longer / shorter side: panoramic (extended field of view) frames reach ~4:1; past
+#                 8:1 the image fills under 1/8 of the padded square (< a 16-px patch at 96 px)
+MAX_FRAMES = 10_000  # frames one DICOM may declare: 100 s of cine at 100 frames/s. The listing
+#                      holds one item per frame: a header declaring millions would hang it
 COLOUR = 0.1  # a pixel is burnt-in colour if max(R,G,B) - min(R,G,B) > 10 % of full scale (ours; see read_dicom)
 # fan_mask's levels, fractions of the frame's maximum (ours: UltraBench states none).
 FAN_LEVEL = 0.02  # above it a pixel may be ultrasound
@@ -302,58 +325,156 @@ def need_pydicom(path):
 
 
 def read_dicom(path, frame=None, count=False):
-    """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no image, e.g. a report).
-    Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W) bool (None for 1-sample data)."""
+    """count=True: frames in the file from its header alone (NumberOfFrames, absent = 1; 0: no
+    image, e.g. a report). Else one frame (None: the first) -> gray (H, W) float32 and colour (H, W)
+    bool (None for 1-sample data). Either way the header is read and checked first (dicom_frames):
+    no file is decoded past the caps."""
     pydicom = need_pydicom(path)
-    ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
+    regular_file(path)
     try:
-        if count: ds = pydicom.dcmread(path, stop_before_pixels=True)
-        else: a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)  # YBR_FULL(_422) arrives as RGB
+        hdr = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:
-        raise UserError(f"cannot read DICOM {path}{_syntax(path, count)}: {' '.join(str(e).split())}") from None
-    if count: return int(ds.get("NumberOfFrames") or 1) if "Rows" in ds else 0
+        raise UserError(f"cannot read DICOM {path}: {' '.join(str(e).split())}") from None
+    n = dicom_frames(path, hdr)
+    if count:
+        return n
+    if n == 0:
+        raise UserError(f"{path}: a DICOM without an image (no Rows)")
+    ds = pydicom.Dataset()  # receives the header's image pixel elements (group 0028), palettes included
+    try:  # YBR_FULL(_422) arrives as RGB
+        a = pydicom.pixels.pixel_array(path, ds_out=ds, index=frame or 0)
+    except Exception as e:
+        why = " ".join(str(e).split())
+        raise UserError(f"cannot read DICOM {path}{_syntax(hdr)}: {why}") from None
     if ds.PhotometricInterpretation == "PALETTE COLOR": a = pydicom.pixels.apply_color_lut(a, ds)  # -> (H, W, 3)
     if ds.PhotometricInterpretation == "MONOCHROME1": a = (1 << ds.BitsStored) - 1 - a  # 0 = white there: invert
     if a.ndim == 2: return a.astype(np.float32), None  # no Modality/VOI LUT: the percentile rescale follows
     # Burnt-in colour: text boxes, logos, colour bars, markers, Doppler. COLOUR = 10 % lies between the chroma noise of
     # gray tissue (SonoSite's 4:2:2 JPEG cine: max - min < 3.5 % for 99.9 % of fan pixels) and the faintest overlay
     # touching a fan here (Philips' dark-blue header, 15-20 %). Gray = BT.601 luma, as Pillow's "L" and YBR_FULL's Y.
+    if not np.issubdtype(a.dtype, np.integer):  # COLOUR needs a full scale
+        raise UserError(f"{path}: colour pixels of type {a.dtype}")
     return a @ np.float32([0.299, 0.587, 0.114]), np.ptp(a, axis=2) > COLOUR * np.iinfo(a.dtype).max
 
 
-def _syntax(path, count):
-    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line: which decoder
-    is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS and JPEG 2000); '' when
-    only the header was read or it does not parse either."""
-    if count:
-        return ""
+def dicom_frames(path, hdr):
+    """Frames a DICOM header declares (0: no image), checked against the caps and the file's size
+    before anything is listed or decoded: a 5 KB file that declares a million frames is refused."""
+    if "Rows" not in hdr:
+        return 0
     try:
-        import pydicom
-        uid = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-    except Exception:
+        n = hdr.get("NumberOfFrames")
+        n = 1 if n is None or n == "" else int(n)  # absent: one frame; 0 declares none
+        rows, cols, bits = int(hdr.Rows), int(hdr.Columns), int(hdr.get("BitsAllocated") or 8)
+    except Exception as e:  # a value that is not a number
+        why = " ".join(str(e).split())[:120]
+        raise UserError(f"{path}: unreadable DICOM image header ({why})") from None
+    if not 1 <= n <= MAX_FRAMES:
+        raise UserError(f"{path}: declares {n} frames (at most {MAX_FRAMES}, MAX_FRAMES)")
+    check_size(path, rows, cols)
+    # The pixels must fit in the file: uncompressed, every pixel holds at least one sample of
+    # BitsAllocated bits; compressed, every frame is at least one 8-byte item. Deflated: no bound.
+    uid = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
+    size = os.path.getsize(path)
+    if uid is None or not (uid.is_encapsulated or uid.is_deflated):
+        need, what = n * rows * cols * max(bits, 1) // 8, f"{n} frames of {cols} x {rows} px"
+    elif uid.is_encapsulated:
+        need, what = 8 * n, f"{n} compressed frames"
+    else:
+        need, what = 0, ""
+    if need > size:
+        raise UserError(f"{path}: declares {what} (>= {need} bytes) in a file of {size} bytes")
+    return n
+
+
+def _syntax(hdr):
+    """' (transfer syntax NAME UID)' of a file whose pixels did not decode, for the error line:
+    which decoder is missing (pip install -e ".[dicom]" adds pylibjpeg's JPEG Lossless, JPEG-LS
+    and JPEG 2000)."""
+    uid = getattr(getattr(hdr, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None:
         return ""
-    return f" (transfer syntax {uid.name} {uid})" if uid.name != str(uid) else f" (transfer syntax {uid})"
+    if uid.name != str(uid):
+        return f" (transfer syntax {uid.name} {uid})"
+    return f" (transfer syntax {uid})"
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
+
+
+def regular_file(path):
+    """Refuse what is not a regular file, from its stat alone: opening a FIFO waits for a writer
+    forever, a device may never end or act when opened. UserError naming the kind, or stat's
+    reason."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise UserError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in FILE_KINDS if test(mode)), "not a file")
+        raise UserError(f"{path}: not a regular file ({kind})")
+
+
+def check_size(path, h, w):
+    """Refuse a frame by the size its header declares, before decoding (MAX_SIDE, MIN_SIDE,
+    MAX_ASPECT)."""
+    if max(h, w) > MAX_SIDE:
+        raise UserError(f"{path}: {w} x {h} px, larger than {MAX_SIDE} px on a side (MAX_SIDE)")
+    if min(h, w) < MIN_SIDE:
+        raise UserError(f"{path}: image too small ({w} x {h} px; at least {MIN_SIDE})")
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise UserError(f"{path}: {w} x {h} px, longer than {MAX_ASPECT}:1 (MAX_ASPECT)")
+
+
+def decode(path, mask=False):
+    """An image file (not DICOM) -> (H, W) float32, gray unless 16-bit or float; mask=True: (H, W)
+    bool (> 0). Its size is checked from the header before the pixels are decoded; then it is
+    turned upright by its EXIF orientation, as every viewer shows it (masks too: they still
+    match)."""
+    from PIL import Image, ImageOps
+    regular_file(path)
+    try:
+        # Pillow's decompression-bomb warning (above 89 Mpx) would be a second line on stderr:
+        # check_size refuses every such image with a reason of its own.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # reads the header only
+        with im:
+            check_size(path, im.height, im.width)
+            im = ImageOps.exif_transpose(im)  # decodes
+            if mask:
+                return np.asarray(im.convert("L")) > 0
+            if im.mode not in ("I;16", "I;16B", "I", "F"):  # 16-bit and float keep their values
+                im = im.convert("L")
+            return np.asarray(im, np.float32)
+    except UserError:
+        raise
+    except Image.DecompressionBombError as e:  # above 179 Mpx: Pillow refuses in Image.open
+        raise UserError(f"{path}: larger than {MAX_SIDE} px on a side (MAX_SIDE; {e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    except Exception as e:  # MemoryError, a decoder's own error: this file's, said as such
+        raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
 
 
 def read_image(path, frame=None, mask_path=None):
-    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W) bool or None
-    (DICOM only), and the fan from a mask file (H, W) bool or None."""
-    from PIL import Image
+    """One file or DICOM frame -> gray (H, W) float32 scaled by its maximum, burnt-in colour (H, W)
+    bool or None (DICOM only), and the fan from a mask file (H, W) bool or None. What it cannot use
+    is a UserError naming the file and why: not a regular file, too large / small / elongated,
+    undecodable, NaN or infinite values."""
     colour, fan = None, None
-    try:
-        if path.lower().endswith(".dcm"):
-            a, colour = read_dicom(path, frame)
-        else:
-            with Image.open(path) as im:
-                im.load()
-                a = np.asarray(im.convert("L") if im.mode not in ("I;16", "I;16B", "I", "F") else im, np.float32)
-        if mask_path:
-            with Image.open(mask_path) as mk:
-                fan = np.asarray(mk.convert("L")) > 0
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-    if a.ndim != 2 or min(a.shape) < 8:
+    if path.lower().endswith(".dcm"):
+        a, colour = read_dicom(path, frame)
+    else:
+        a = decode(path)
+    if mask_path:
+        fan = decode(mask_path, mask=True)
+    if a.ndim != 2 or min(a.shape) < MIN_SIDE:
         raise UserError(f"{path}: image too small or not 2-D ({a.shape})")
+    if not np.isfinite(a).all():  # a float TIFF or DICOM: one NaN makes every loss it touches NaN
+        raise UserError(f"{path}: NaN or infinite pixel values")
     if fan is not None and fan.shape != a.shape:
         raise UserError(f"{mask_path}: mask size {fan.shape} != image size {a.shape}")
     return a / max(float(a.max()), 1e-6), colour, fan
@@ -379,24 +500,54 @@ def load_image(path, size, mask_path=None, frame=None):
 
 
 def walk_images(root):
-    """-> sorted paths of the image files below root, names taken literally (no glob patterns), symlinked
-    folders followed once (a link loop or a second link to a folder lists nothing twice)."""
+    """-> sorted paths of the image files below root, names taken literally (no glob patterns).
+    Symlinked folders are followed once (a link loop or a second link to a folder lists nothing
+    twice), in sorted order; a file reached by two names (a symlink, a hard link) is listed once, by
+    its first name in sorted order, so that no held-out image is a training image renamed. Nothing
+    is opened: a FIFO or a device named like an image is listed, and refused when read."""
     seen, out = set(), []
     for top, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()  # the name a linked folder is listed under must not depend on the disk's order
         real = os.path.realpath(top)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
         out += [os.path.join(top, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
-    return sorted(out)
+    ids, paths = set(), []
+    for path in sorted(out):
+        try:
+            st = os.stat(path)  # stat, not open: safe on a FIFO
+            key = (st.st_dev, st.st_ino)
+        except OSError:  # a dangling link: listed, and refused with its reason when read
+            key = path
+        if key not in ids:
+            ids.add(key)
+            paths.append(path)
+    return paths
+
+
+def frame_list(path, every):
+    """The frames of one file to list: [None] for an image or a 1-frame DICOM, 0, every, ... for
+    a cine, [] for a DICOM without pixels. A file whose header is refused or unreadable, or that is
+    not a regular file, is one item: reading it says why, and the build skips and counts it."""
+    try:
+        n = frames(path)
+    except UserError:
+        return [None]
+    return [None] if n == 1 else list(range(0, n, every))
 
 
 def find_images(root, every=1):
-    """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ... for a DICOM cine."""
-    items = [(p, i) for p in walk_images(root) for n in [frames(p)]
-             for i in ([None] if n == 1 else range(0, n, every))]  # n = 0: a DICOM without pixels, skipped
-    if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
+    """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ...
+    for a DICOM cine."""
+    paths = walk_images(root)
+    dcm = [p for p in paths if p.lower().endswith(".dcm")]
+    if dcm:
+        need_pydicom(dcm[0])  # without pydicom the run stops, rather than skipping every .dcm file
+    items = [(p, i) for p in paths for i in frame_list(p, every)]
+    if not items:
+        raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return items
 
 
@@ -406,21 +557,26 @@ def frames(path):
 
 
 def usable(items, max_bad, min_side):
-    """The (path, frame) items that decode to an image of at least min_side px (a patch); the others are skipped and
-    counted, and the run stops if they are more than a share max_bad: mostly broken files are a mistake, not noise.
-    (--cache off only: with the cache this happens once, while it is built.)"""
-    from PIL import Image
+    """The (path, frame) items that decode to an image of at least min_side px (a patch); the others
+    are skipped and counted with their reason, and the run stops if they are more than a share
+    max_bad: mostly broken files are a mistake, not noise. (--cache off only: with the cache this
+    happens once, while it is built.)"""
     from concurrent.futures import ThreadPoolExecutor
 
-    def ok(item):  # a full decode: a truncated PNG/JPEG opens fine and fails only here
+    def why(item):  # a full decode, screened as the cache build screens it: "" if usable
         try:
-            if item[0].lower().endswith(".dcm"): return min(read_dicom(*item)[0].shape) >= min_side
-            with Image.open(item[0]) as im: im.load(); return min(im.size) >= min_side
-        except Exception: return False
-    with ThreadPoolExecutor(8) as pool: good = list(pool.map(ok, items))  # decoders release the GIL
-    bad = [f"{p}" + (f" frame {i}" if i is not None else "") for (p, i), g in zip(items, good) if not g]
+            a = read_image(*item)[0]
+        except UserError as e:
+            return str(e).replace(f"{item[0]}: ", "").replace(f" {item[0]}", "")
+        except Exception as e:  # anything else is this file's too
+            return f"{type(e).__name__}: {e}"
+        return "" if min(a.shape) >= min_side else f"smaller than {min_side} px"
+    with ThreadPoolExecutor(8) as pool:
+        whys = list(pool.map(why, items))  # decoders release the GIL
+    bad = [p + (f" frame {i}" if i is not None else "") + f" ({w})"
+           for (p, i), w in zip(items, whys) if w]
     screen(bad, len(items), max_bad, min_side)
-    return [f for f, g in zip(items, good) if g]
+    return [f for f, w in zip(items, whys) if not w]
 
 
 def screen(bad, n, max_bad, min_side, say=print):
@@ -429,7 +585,8 @@ def screen(bad, n, max_bad, min_side, say=print):
         raise UserError(f"{len(bad)} of {n} image files are unreadable or smaller than {min_side} px "
                         f"(e.g. {bad[0]}): more than --max_bad {max_bad}")
     if bad:
-        say(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, e.g. {bad[0]}")
+        say(one_line(f"[data] skipping {len(bad)} of {n} unreadable or too small image files, "
+                     f"e.g. {bad[0]}"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,7 +601,8 @@ def screen(bad, n, max_bad, min_side, say=print):
 # deletes the old ones. A build killed at any point leaves the old index (or none): never a cache that loads
 # with rows missing. Readers map the arrays they opened, so a later rebuild does not pull them away.
 
-CACHE_VERSION = 1  # bump whenever preprocessing changes what a row holds: every older cache is then rebuilt
+# Bump whenever preprocessing changes what a row holds: every older cache is then rebuilt.
+CACHE_VERSION = 2  # 2: EXIF orientation applied
 
 
 def cache_folder(choice, kind, name, params):
@@ -708,26 +866,23 @@ def file_items(root, every, folder, params):
     except Exception:  # no usable index: every file is new
         pass
     items, keys, paths = [], [], walk_images(root)
-    if any(p.lower().endswith(".dcm") for p in paths):
-        need_pydicom(next(p for p in paths if p.lower().endswith(".dcm")))
+    dcm = [p for p in paths if p.lower().endswith(".dcm")]
+    if dcm:
+        need_pydicom(dcm[0])  # without pydicom the run stops, rather than skipping every .dcm file
     for path in paths:
         rel = os.path.relpath(path, root)
         try:
             st = os.stat(path)
-        except OSError:
-            continue  # vanished between listing and stat
-        sig = (rel, st.st_size, st.st_mtime_ns)
+            sig = (rel, st.st_size, st.st_mtime_ns)
+        except OSError:  # a dangling link, or gone since the listing: one item, refused when read
+            sig = (rel, None, None)
         if sig in known and path.lower().endswith(".dcm"):
             fr = known[sig]
         else:
-            try:
-                n = frames(path)
-            except UserError:
-                n = 1  # an unreadable header: one item, counted as bad when the build decodes it
-            fr = [None] if n == 1 else list(range(0, n, every))
+            fr = frame_list(path, every)  # opens nothing that is not a regular file
         for i in fr:
             items.append((path, i, None))
-            keys.append([rel, i, st.st_size, st.st_mtime_ns])
+            keys.append([sig[0], i, sig[1], sig[2]])
     if not items: raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
     return items, keys
 
@@ -774,6 +929,7 @@ def probe_data(p, size):
     for split, rs in recs.items():
         if any(not os.path.exists(r[0]) for r in rs):
             raise UserError(f"{split}: image {next(r[0] for r in rs if not os.path.exists(r[0]))} does not exist")
+    one_file_one_label(recs)
     if p.cache == "off":
         for split, rs in recs.items():
             pairs = [load_image(f, size, mp, i) for f, _, mp, i in rs]
@@ -796,6 +952,27 @@ def probe_data(p, size):
     return out, classes
 
 
+def one_file_one_label(recs):
+    """Refuse one file (by device and inode: another name or a link is the same file) under two
+    labels, or in test and in train or val: a test image the probe trained on raises its score
+    silently."""
+    seen = {}
+    for split in ("train", "val", "test"):
+        for f, y, _, i in recs[split]:
+            st = os.stat(f)
+            key = (st.st_dev, st.st_ino, i)
+            if key not in seen:
+                seen[key] = split, f, y
+                continue
+            s0, f0, y0 = seen[key]
+            if y0 != y:
+                raise UserError(f"{f} ({split}, label {y}) is {f0} ({s0}, label {y0}): "
+                                "one image, two labels")
+            if (split == "test") != (s0 == "test"):
+                raise UserError(f"{f} ({split}) is {f0} ({s0}): "
+                                "a test image the probe would also train on")
+
+
 def stat_key(root, path, frame, mask):
     """What identifies a probe item's content: its image's and its mask's path, size and mtime, and the frame."""
     key = [os.path.relpath(path, root), frame]
@@ -806,36 +983,108 @@ def stat_key(root, path, frame, mask):
 
 
 def probe_records(root):
-    """-> {split: [(image path, label, mask path or None, frame or None)]} and the class names, from an
-    UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*)."""
-    if not os.path.isdir(root): raise UserError(f"--data {root}: no such directory")
+    """-> {split: [(image path, label, mask path or None, frame or None)]} and the class names, from
+    an UltraBench folder (JSON records) or an ImageFolder (DIR/{train,val,test}/<class>/*). Every
+    label of every split is one of the training split's classes; anything else is one line naming
+    the record or the folder."""
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root}: no such directory")
     recs = {}
-    ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1 (PyPI)
-    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout: val carved below
+    ub = {"train": "train.json", "val": "validation.json", "test": "test.json"}  # UltraBench 1.0.1
+    if os.path.exists(os.path.join(root, "train_val.json")):  # UltraBench's GitHub layout
         ub = {"train": "train_val.json", "test": "test.json"}
     if os.path.exists(os.path.join(root, ub["train"])):
-        for split, name in ub.items():
-            if not os.path.exists(os.path.join(root, name)): raise UserError(f"{root}: no {name}")
-            with open(os.path.join(root, name)) as f:
-                recs[split] = [(os.path.join(root, r["image"]), int(r["label"]),
-                                r.get("scan_mask") and os.path.join(root, r["scan_mask"]), None) for r in json.load(f)]
-        classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
-        if [int(c) for c in classes] != list(range(len(classes))):
-            raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
+        for split, name in ub.items():  # train first: its labels are the classes of every split
+            if not os.path.exists(os.path.join(root, name)):
+                raise UserError(f"{root}: no {name}")
+            recs[split] = [_record(root, name, k, r) for k, r in enumerate(_json_list(root, name))]
+            if split == "train":
+                classes = [str(c) for c in sorted({r[1] for r in recs["train"]})]
+                if [int(c) for c in classes] != list(range(len(classes))):
+                    raise UserError(f"{root}: labels must be 0..C-1, found {classes}")
+            for k, r in enumerate(recs[split]):
+                if not 0 <= r[1] < len(classes):
+                    raise UserError(f"{os.path.join(root, name)} record {k}: label {r[1]} is not a "
+                                    f"class of {ub['train']} (0..{len(classes) - 1})")
     else:  # ImageFolder: DIR/{train,val,test}/<class>/*.png
         if not os.path.isdir(os.path.join(root, "train")):
-            raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench (train_val.json)")
+            raise UserError(f"{root}: neither ImageFolder (train/<class>/) nor UltraBench "
+                            "(train_val.json)")
         classes = sorted(e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir())
-        if len(classes) < 2: raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
+        if len(classes) < 2:
+            raise UserError(f"{root}/train: need at least 2 class folders, found {classes}")
         for split in ("train", "val", "test"):
-            if os.path.isdir(os.path.join(root, split)):
-                recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: frame of a DICOM cine
-                               for f, i in find_images(os.path.join(root, split, name))]
-    if len(classes) < 2: raise UserError(f"{root}: need at least 2 classes, found {classes}")
-    if "test" not in recs: raise UserError(f"{root}: no test split")
-    if "val" not in recs:  # carve 10 % of train with a fixed seed (the paper does not say how it validated)
+            folder = os.path.join(root, split)
+            if not os.path.isdir(folder):
+                continue
+            for e in sorted(os.scandir(folder), key=lambda e: e.name):
+                if e.is_dir() and e.name not in classes:  # dropped before: silently unscored
+                    raise UserError(f"{e.path}: a class folder that {root}/train lacks "
+                                    f"(its classes: {classes})")
+                if not e.is_dir() and e.name.lower().endswith(IMAGE_EXTS):  # no class: dropped
+                    raise UserError(f"{e.path}: an image outside the class folders "
+                                    f"({split}/<class>/...)")
+            recs[split] = [(f, c, None, i) for c, name in enumerate(classes)  # i: a cine's frame
+                           for f, i in find_images(os.path.join(folder, name))]
+    if len(classes) < 2:
+        raise UserError(f"{root}: need at least 2 classes, found {classes}")
+    if "test" not in recs:
+        raise UserError(f"{root}: no test split")
+    if "val" not in recs:  # carve 10 % of train, fixed seed (the paper does not say how it did)
         perm = np.random.default_rng(0).permutation(len(recs["train"]))
         cut = max(1, len(perm) // 10)
         recs["val"] = [recs["train"][i] for i in perm[:cut]]
         recs["train"] = [recs["train"][i] for i in perm[cut:]]
     return recs, classes
+
+
+def _json_list(root, name):
+    """The records of one UltraBench JSON file: a list, or one line saying what the file holds."""
+    path = os.path.join(root, name)
+    try:
+        regular_file(path)  # a FIFO would hang the open
+        with open(path, encoding="utf-8") as f:
+            recs = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+        raise UserError(f"{path}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    if not isinstance(recs, list):
+        raise UserError(f'{path}: a JSON list of records {{"image": ..., "label": ...}} expected, '
+                        f"found {type(recs).__name__}")
+    if not recs:
+        raise UserError(f"{path}: no records")
+    return recs
+
+
+def _record(root, name, k, r):
+    """Record k of a JSON file -> (image path, label, mask path or None, None). Paths are relative
+    to the dataset folder and stay inside it; the label is an integer (a float only if integral:
+    1.0, as some exporters write it; never a string or a bool)."""
+    where = f"{os.path.join(root, name)} record {k}"
+    if not isinstance(r, dict):
+        raise UserError(f'{where}: {{"image": ..., "label": ...}} expected, '
+                        f"found {json.dumps(r)[:60]}")
+    for key in ("image", "label"):
+        if key not in r:
+            raise UserError(f'{where}: no "{key}"')
+    y = r["label"]
+    integral = isinstance(y, int) or (isinstance(y, float) and y.is_integer())
+    if isinstance(y, bool) or not integral:
+        raise UserError(f"{where}: label {json.dumps(y)[:60]} is not an integer")
+    mask = r.get("scan_mask")
+    mask = mask and _inside(root, where, "scan_mask", mask)
+    return _inside(root, where, "image", r["image"]), int(y), mask, None
+
+
+def _inside(root, where, key, rel):
+    """root joined with a record's path, refused unless it is a relative path that stays in root
+    (not absolute, no .. that leaves it): the file names the dataset, not what lies beside it.
+    Links inside root are the user's own: followed."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise UserError(f'{where}: "{key}" is not a path ({json.dumps(rel)[:60]})')
+    base, path = os.path.abspath(root), os.path.abspath(os.path.join(root, rel))
+    if os.path.isabs(rel) or os.path.commonpath([base, path]) != base or path == base:
+        raise UserError(f'{where}: "{key}" {rel} is not inside {root} '
+                        "(paths are relative to the dataset folder)")
+    return os.path.normpath(os.path.join(root, rel))
