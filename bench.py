@@ -222,9 +222,11 @@ def write_scans(folder, n, seed=0):
 
 def run_child(args, env=None):
     """A pretrain run in a fresh process -> (training img/s from its done line, peak RSS in MB, seconds)."""
-    code = ("import resource, sys; sys.argv = ['us_jepa.py'] + sys.argv[1:]; import us_jepa as U\n"
+    # Peak RSS from /proc (VmHWM): getrusage's ru_maxrss would carry this process's own peak across exec.
+    code = ("import sys; sys.argv = ['us_jepa.py'] + sys.argv[1:]; import us_jepa as U\n"
             "try: U.main(sys.argv[1:])\n"
-            "finally: print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)")
+            "finally: print('maxrss', [l.split()[1] for l in open('/proc/self/status')"
+            " if l.startswith('VmHWM')][0], flush=True)")
     tic = time.time()
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                        env=dict(os.environ, **(env or {})), cwd=os.path.dirname(os.path.abspath(__file__)))
