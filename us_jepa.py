@@ -599,7 +599,7 @@ def say(*args, **kwargs):  # print, in one process (rank 0) only
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, dense
 
-def step_flops(d, m, k, teacher, kind, B, Kc, Kt, M):
+def step_flops(d, m, teacher, kind, B, Kc, Kt, M):
     """Matmul FLOPs of a training step (MFU's numerator): per block 24 d^2 per token (qkv, proj,
     MLP) and 4 T^2 d per sequence (attention), x3 for forward + backward, x1 for the frozen
     teacher. Embeddings and the small heads are left out (< 2 % at ViT-B)."""
@@ -818,7 +818,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     """Stage 1 (kind='teacher') or 2 ('student') -> --out/{last,best}.pt, log.jsonl. teacher='ema':
     I-JEPA's EMA target, the ablation US-JEPA lacks."""
     r = build_run(cfg, kind, teacher, teacher_ck)
-    d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
     (encoder, head, teacher), opt = r.models, r.opt
     ddp = torch.nn.parallel.DistributedDataParallel  # averages gradients over the processes
     enc, hd, tch = [ddp(x) if r.world > 1 else x for x in (encoder, head)] + [teacher]
@@ -856,7 +856,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         stats = log_stats(loss, z, r.world) if at_log else None
         busy, seen = busy + time.time() - tic, seen + t.batch_size
         if peak:
-            flops += step_flops(d, m, k, teacher, kind, t.batch_size, ctx.shape[1], tgt.shape[2],
+            flops += step_flops(d, m, teacher, kind, t.batch_size, ctx.shape[1], tgt.shape[2],
                                 tgt.shape[0])
         if at_log:
             (n, b, f) = [a - w for a, w in zip((seen, busy, flops), window)]
