@@ -138,7 +138,7 @@ def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, c
     ctx, tgt = masks[0]
     cfg = U.parse_config("pretrain", ["--model", model, "--img_size", str(img_size), "--depth", str(depth),
                                       "--pred_depth", str(pred[0]), "--pred_dim", str(pred[1])])
-    flops = U.step_flops(cfg["data"], cfg["model"], cfg["mask"], teacher, "student", batch, ctx.shape[1],
+    flops = U.step_flops(cfg["data"], cfg["model"], teacher, "student", batch, ctx.shape[1],
                          tgt.shape[2], tgt.shape[0])
     peak = next((v for n, v in U.PEAK_BF16.items() if device == "cuda" and n in torch.cuda.get_device_name()), 0)
     return batch / ms * 1e3, mb, flops / (ms / 1e3) / peak if peak else float("nan")

@@ -3,8 +3,10 @@ and the student's patch features as colours (first three principal components).
 
     python show.py                              # runs/pretrain/best.pt -> runs/figures/{masks,pca}.png
     python show.py --ckpt runs/long/best.pt --usrc false
+    python show.py few-shot runs/pretrain/probe_lesion.json   # -> probe_lesion_few_shot.png
 """
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -62,9 +64,53 @@ def run_show(s):
         print(f"[show] wrote {path}")
 
 
+COLOURS = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)]
+
+
+def plot_curves(path, xs, series, title):
+    """A line chart drawn with pillow, x on a log axis: the few-shot curve (macro-F1 per %)."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (560, 360), "white")  # plot box: x 56..450, y 28..324; legend at right
+    d, lx, ys = ImageDraw.Draw(im), np.log10(xs), np.array(list(series.values()))
+    y0, y1 = ys.min() - 0.02, ys.max() + 0.02
+    px = 56 + 394 * (lx - lx.min()) / max(np.ptp(lx), 1e-9)  # (X,) the pixel column of each x
+
+    def py(y):  # the pixel row of a macro-F1
+        return 324 - 296 * (y - y0) / (y1 - y0)
+
+    d.rectangle([56, 28, 450, 324], outline="black")
+    d.text((56, 8), title, fill="black")
+    for x, c in zip(xs, px):
+        d.text((c - 8, 330), f"{x:g}%", fill="black")
+    for y in np.linspace(y0, y1, 5):
+        d.text((6, py(y) - 6), f"{y:.2f}", fill="black")
+    for i, (name, s) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        d.line([(c, py(y)) for c, y in zip(px, s)], fill=colour, width=2)
+        for c, y in zip(px, s):
+            d.ellipse([c - 3, py(y) - 3, c + 3, py(y) + 3], fill=colour)
+        d.text((460, 28 + 16 * i), name, fill=colour)
+    im.save(path)
+
+
+def few_shot(path):
+    """The few-shot curve of a probe JSON (`probe --fractions ...`) beside it: macro-F1 per %."""
+    U.require(os.path.isfile(path), f"{path}: no such probe JSON")
+    with open(path) as f:
+        results = json.load(f)["results"]
+    fracs = list(next(iter(results.values()))["few_shot"])
+    U.require(fracs, f"{path}: no few-shot results (probe --fractions 1,5,10,50,100 writes them)")
+    curves = {n: [r["few_shot"][f][0] for f in fracs] for n, r in results.items()}
+    out = U.unique_path(os.path.splitext(path)[0] + "_few_shot.png")
+    plot_curves(out, [float(f) for f in fracs], curves, "few-shot macro-F1")
+    print(f"[show] wrote {out}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["few-shot"] and len(argv) == 2:
+            return few_shot(argv[1])
         run_show(U.parse_config("show.py", argv, (ShowConfig,))["show"])
     except UserError as e:
         if "--debug" in argv:

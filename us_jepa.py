@@ -263,10 +263,8 @@ def block_size(rng, grid, scale, aspect):
 
 def place_block(rng, grid, h, w):
     """Top-left corner of an h x w block. fix (a)+(d): I-JEPA's randint(0, grid - h) never reaches
-    the last row/column (at 224/16 its 13x13 context is always top-left). We draw the corner
-    uniformly over every position where the block still overlaps the grid, then push it inside:
-    border patches are then covered about as often as central ones (uniform corners cover the
-    border h times less often)."""
+    the last row/column (at 224/16 its 13x13 context is always top-left). Ours is uniform over every
+    corner whose block overlaps the grid, pushed inside: the border is covered like the rest."""
     top = min(max(int(rng.integers(-(h - 1), grid)), 0), grid - h)
     left = min(max(int(rng.integers(-(w - 1), grid)), 0), grid - w)
     return top, left
@@ -316,8 +314,7 @@ def fan_patches(fan, p):
     return (F.max_pool2d(fan.float(), p)[:, 0] > 0).numpy()
 
 def draw_masks(rng, batch, grid, k, fan, p):
-    """sample_masks for images with these fans, its indices checked once, here on the CPU: the
-    fused ops do not check them on the device (a host sync per call). -> ctx, tgt"""
+    """sample_masks, its indices checked here on the CPU (the fused ops do not, on the device)."""
     ctx, tgt = sample_masks(rng, batch, grid, k, fan_patches(fan, p) if k.usrc else None)
     for name, idx in (("context", ctx.numpy()), ("target", tgt.numpy())):
         if idx.min() < 0 or idx.max() >= grid * grid:
@@ -339,8 +336,7 @@ def apply_masks(x, idx):
 # weights map directly. `gather` is apply_masks or a fused op of kernels/ (--kernels).
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos positions (MAE/I-JEPA): half the channels encode the row, half the
-    column."""
+    """Fixed 2-D sin-cos positions (MAE/I-JEPA): half the channels the row, half the column."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     r, c = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")  # (g, g)
     out = [f(p.flatten()[:, None] * omega) for p in (r, c) for f in (torch.sin, torch.cos)]
@@ -390,8 +386,7 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 class ViT(nn.Module):
-    """Encoder: patch embedding + fixed positions, pre-norm blocks, final LayerNorm; no CLS token
-    (I-JEPA)."""
+    """Patch embedding + fixed positions, pre-norm blocks, final LayerNorm; no CLS (I-JEPA)."""
     def __init__(self, img_size=96, patch_size=16, model="vit_tiny", depth=6, gather=apply_masks,
                  **_):
         super().__init__()
@@ -537,8 +532,7 @@ def unique_path(path):
     return path
 
 def load_checkpoint(path, ours=True):
-    """A checkpoint of ours (ours=False: any dict of tensors), loaded with weights_only: no pickled
-    code runs."""
+    """A checkpoint of ours (ours=False: any dict), loaded weights_only: no pickled code runs."""
     require(os.path.isfile(path), f"{path}: no such checkpoint")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
@@ -550,7 +544,7 @@ def load_checkpoint(path, ours=True):
     return ck
 
 def build_encoder(config, state=None, path="checkpoint"):
-    """The ViT a stored config describes (as saved in every checkpoint), with its weights."""
+    """The ViT a checkpoint's config describes, with its weights."""
     vit = ViT(config["data"]["img_size"], **config["model"])
     state = dict(state or {})
     pos = state.pop("pos_embed", None)  # a learnt position table (external teachers) replaces ours
@@ -576,8 +570,7 @@ def weights_sha256(state):
     return h.hexdigest()[:16]
 
 def select_kernels(name, device):
-    """--kernels -> (gather, salt_loss): fused ops of kernels/ (tests/test_kernels.py checks them
-    against the references above), or the references ('torch', or where none runs)."""
+    """--kernels -> (gather, salt_loss): fused ops of kernels/, or the references above."""
     if name == "torch":
         return apply_masks, salt_loss
     import kernels
@@ -588,8 +581,7 @@ def select_kernels(name, device):
     return (ops.masked_gather, ops.salt_loss) if ops else (apply_masks, salt_loss)
 
 def setup_distributed():
-    """torchrun starts a process per device (RANK, LOCAL_RANK, WORLD_SIZE); DDP averages gradients
-    over them (nccl on GPUs, gloo on CPU). -> rank, world size, device"""
+    """torchrun's process per device (nccl on GPUs, gloo on CPU). -> rank, world size, device"""
     world, rank, local = (int(os.environ.get(v, 0)) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     cuda = torch.cuda.is_available()
     require(not cuda or local < torch.cuda.device_count(), f"process {local} has no GPU: "
@@ -607,7 +599,7 @@ def say(*args, **kwargs):  # print, in one process (rank 0) only
 
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, dense
 
-def step_flops(d, m, k, teacher, kind, B, Kc, Kt, M):
+def step_flops(d, m, teacher, kind, B, Kc, Kt, M):
     """Matmul FLOPs of a training step (MFU's numerator): per block 24 d^2 per token (qkv, proj,
     MLP) and 4 T^2 d per sequence (attention), x3 for forward + backward, x1 for the frozen
     teacher. Embeddings and the small heads are left out (< 2 % at ViT-B)."""
@@ -650,8 +642,7 @@ def make_optimizer(encoder, head, t, fused):
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None), params
 
 def precision(device, bf16):
-    """bf16 autocast on CUDA (the teacher's forward too; losses in float32); float32 on a GPU with
-    TF32 tensor cores (sm80+) uses them for matmuls. -> autocast context, what the log says"""
+    """bf16 autocast on CUDA, else float32 (TF32 matmuls on sm80+). -> autocast, its description"""
     cuda = device.type == "cuda"
     tf32 = cuda and not bf16 and torch.cuda.get_device_capability(device) >= (8, 0)
     if tf32:
@@ -660,8 +651,7 @@ def precision(device, bf16):
     return torch.autocast("cuda", torch.bfloat16, enabled=cuda and bf16), said
 
 def step_loss(kind, cfg, stats, salt, amp, enc, head, teacher, img, ctx, tgt):
-    """Stage 1: MAE's pixel loss; stage 2: SALT against the frozen teacher's features, standardised
-    by its fixed stats = (mean, std). -> loss, the context tokens (B, Kc, D)"""
+    """Stage 1: MAE's pixel loss; stage 2: SALT on standardised teacher features. -> loss, z"""
     p, t = cfg["model"].patch_size, cfg["train"]
     with amp:
         z = enc(img, ctx)  # (B, Kc, D)
@@ -673,8 +663,7 @@ def step_loss(kind, cfg, stats, salt, amp, enc, head, teacher, img, ctx, tgt):
         return salt(pred, feats, tgt, t.loss, t.beta), z
 
 def build_run(cfg, kind, teacher=None, teacher_ck=None):
-    """Processes, kernels, models, images, the teacher's statistics, optimiser and resumed state:
-    what the loop needs. Every check passes before an --overwrite deletes the old run."""
+    """What the loop needs; every check passes before an --overwrite deletes the old run."""
     d, m, t = cfg["data"], cfg["model"], cfg["train"]
     rank, world, device = setup_distributed()
     require(t.batch_size % world == 0, f"--batch_size {t.batch_size} must split evenly over "
@@ -727,9 +716,9 @@ SAFE_TO_CHANGE = ("out", "resume", "overwrite", "log_every", "eval_every", "work
                   "compile", "kernels", "bf16", "max_bad", "cache")
 
 def resume(r):
-    """--resume: the newest readable checkpoint in --out, loaded into the run. The step is the whole
-    state of the data stream and of every random draw. It must be this run (the same flags, except
-    SAFE_TO_CHANGE, and teacher weights) unless --resume force, which is said and logged."""
+    """--resume: the newest readable checkpoint in --out (its step is the whole state of the data
+    and every draw). Other flags (but SAFE_TO_CHANGE) or teacher: refused but by --resume force."""
+
     t, (encoder, head, teacher) = r.cfg["train"], r.models
     path, ck = newest_checkpoint(t.out)
     require(ck["kind"] == r.kind, f"{path} is a {ck['kind']} run, not a {r.kind} run")
@@ -786,8 +775,7 @@ def stop_if_nonfinite(bad, step, last):
             f"at step {step}, no update since was applied; {last} holds the last good state")
 
 def log_stats(loss, z, world):
-    """The logged loss and `feat std` (the spread of the student's features across images; ~0 would
-    be collapse), averaged over processes. Waits for the device. -> [loss, feat std]"""
+    """[loss, feat std] averaged over processes; feat std ~ 0 across images would be collapse."""
     stats = torch.stack([loss.detach().float(), z.detach().float().mean(1).std(0).mean()])
     if world > 1:
         torch.distributed.all_reduce(stats)
@@ -827,11 +815,10 @@ def save_checkpoint(r, step, loss, log):
     say(f"[{r.kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' * is_best}", flush=True)
 
 def train(cfg, kind, teacher=None, teacher_ck=None):
-    """Stage 1 (kind='teacher') or 2 ('student'), writing last.pt, best.pt, log.jsonl to --out.
-    teacher='ema': the I-JEPA baseline, targets from an EMA of the student (the ablation US-JEPA
-    lacks)."""
+    """Stage 1 (kind='teacher') or 2 ('student') -> --out/{last,best}.pt, log.jsonl. teacher='ema':
+    I-JEPA's EMA target, the ablation US-JEPA lacks."""
     r = build_run(cfg, kind, teacher, teacher_ck)
-    d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
     (encoder, head, teacher), opt = r.models, r.opt
     ddp = torch.nn.parallel.DistributedDataParallel  # averages gradients over the processes
     enc, hd, tch = [ddp(x) if r.world > 1 else x for x in (encoder, head)] + [teacher]
@@ -869,7 +856,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         stats = log_stats(loss, z, r.world) if at_log else None
         busy, seen = busy + time.time() - tic, seen + t.batch_size
         if peak:
-            flops += step_flops(d, m, k, teacher, kind, t.batch_size, ctx.shape[1], tgt.shape[2],
+            flops += step_flops(d, m, teacher, kind, t.batch_size, ctx.shape[1], tgt.shape[2],
                                 tgt.shape[0])
         if at_log:
             (n, b, f) = [a - w for a, w in zip((seen, busy, flops), window)]
@@ -886,7 +873,8 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
     return finish(r, log, seen, busy, t0)
 
 def finish(r, log, seen, busy, t0):
-    """The last line: steps, time, images/s, peak GPU memory, best held-out loss. -> images/s"""
+    """The last line: steps, time, images/s, peak GPU memory, best held-out loss."""
+
     if log:
         log.close()
     if r.world > 1:
@@ -907,8 +895,7 @@ def finish(r, log, seen, busy, t0):
 
 @torch.no_grad()
 def encode(vit, imgs, batch=256, layers=1, tokens=False):
-    """Frozen features: mean of the last layer's patch tokens (N, 1, S, S) -> (N, D) (paper), or of
-    the last `layers` layers side by side (N, layers*D); tokens=True keeps all (attentive probe)."""
+    """(N, 1, S, S) -> mean patch token (N, layers*D) (paper: layers=1), or all (attentive)."""
     vit.eval()
     out = (vit(imgs[i:i + batch], layers=layers) for i in range(0, len(imgs), batch))  # (b, N, L*D)
     return torch.cat([o if tokens else o.mean(1) for o in out])
@@ -925,8 +912,7 @@ def f1_scores(pred, y, n_classes):
     return (2 * tp / (npred + ntrue).clamp(min=1)).tolist()
 
 def fit_probe(feats, labels, n_classes, seed, p, subset=None):
-    """Train BN + Linear on train features (or their rows `subset`), early-stop on val loss, score
-    test and every corrupted test set ("test/blur/2", ...). -> dict of metrics"""
+    """Train on train features (rows `subset`), early-stop on val loss, score test, test/*/*."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     xtr, ytr = feats["train"], labels["train"]
@@ -971,8 +957,8 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
                 accuracy=(pred == labels["test"]).float().mean().item(), corrupted=corrupted)
 
 def check_probe(p):
-    """The probe's flags and checkpoint (a stage-1 one's model is the teacher; it has no student).
-    -> encoder names, checkpoint, image size, few-shot %, corruption kinds, severities"""
+    """The probe's flags and checkpoint (a stage-1 checkpoint's model is its teacher)."""
+
     require(p.head in ("linear", "attentive") and p.layers >= 1,
             f"--head {p.head} --layers {p.layers}: head linear | attentive, layers >= 1")
     require(p.encoder in ("student", "teacher", "random", "pixels", "all"),
@@ -1004,8 +990,7 @@ def check_probe(p):
     return names, ck, size, fracs, kinds, sev
 
 def features(split, fn, corruption=(None, 0)):
-    """fn(imgs, fans) -> (b, F) over a probe split, batch by batch: only features are held. A
-    corruption (kind, severity) corrupts each batch first, seeded by its first row."""
+    """fn(imgs, fans) over a split, batch by batch, each corrupted first (seeded by row one)."""
     out = []
     for i, imgs, fans in split.batches():
         if corruption[0]:
@@ -1014,8 +999,7 @@ def features(split, fn, corruption=(None, 0)):
     return torch.cat(out)
 
 def probe_features(name, ck, data, views, p, size):
-    """One encoder's frozen features of every view (a split, maybe corrupted): computed once,
-    shared by all seeds, on the GPU when there is one."""
+    """One encoder's features of every view (a split, maybe corrupted), once for all seeds."""
     if name == "pixels":
         return {s: features(data[v[0]], pixel_features, v[1:]) for s, v in views.items()}
     if name == "random":
@@ -1067,8 +1051,8 @@ def print_tables(results, classes, seeds):
             print(f"{name:<9} " + " ".join(f"{f'{m:.3f}±{s:.3f}':>13}" for m, s in cells))
 
 def run_probe(p):
-    """`probe`: each encoder's frozen features, probed with p.seeds seeds (few-shot subsets and
-    corrupted test sets when asked); the tables, a JSON and the few-shot curve. -> results"""
+    """`probe`: every encoder, p.seeds seeds; tables and a JSON (show.py few-shot: the curve)."""
+
     names, ck, size, fracs, kinds, sev = check_probe(p)
     data, classes = probe_data(p, size)
     sizes = ", ".join(f"{s} {len(v)}" for s, v in data.items())
@@ -1088,24 +1072,20 @@ def run_probe(p):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
-    if fracs:  # the few-shot curve beside the JSON (its name is new: this never overwrites either)
-        curves = {n: [m for m, _ in r["few_shot"].values()] for n, r in results.items()}
-        plot_curves(out[:-5] + "_few_shot.png", fracs, curves, "few-shot macro-F1")
     print(f"\nwrote {out}  (chance macro-F1 ~ {1 / len(classes):.3f} for balanced classes)")
     return results
 
 # --------------------------------------------------------------------------------------------------
 # The protocol's extras (issue 4): what the paper's evaluation needs beyond the core, and what it
-# left out: external teachers, the attentive probe, few-shot subsets, test-time corruptions, the
-# few-shot curve. The method above reads without them; they run only when a flag asks.
+# left out: external teachers, the attentive probe, few-shot subsets, test-time corruptions. The
+# method above reads without them; they run only when a flag asks.
 
 TIMM_IGNORED = ("cls_token", "head.", "fc_norm.", "pre_logits.", "mask_token")  # not for a teacher
 
 def external_teacher(sd, path, img_size):
-    """A timm-style ViT state dict (e.g. an ultrasound foundation model's ViT-B/16) -> (ViT, its
-    config). Strips wrapper prefixes, sums an RGB patch embedding into one gray channel (= the gray
-    image fed 3 times), drops the CLS token and its position, interpolates the position table to
-    our grid; refuses anything else."""
+    """A timm-style ViT state dict (e.g. an ultrasound foundation model) -> (ViT, its entry). Sums
+    an RGB patch embedding into one gray channel (= gray fed 3 times), drops the CLS token,
+    interpolates the positions to our grid; refuses anything else."""
     for key in ("model", "state_dict", "teacher", "target_encoder"):  # common wrappers
         if isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -1142,9 +1122,8 @@ def external_teacher(sd, path, img_size):
     return build_encoder(config, out, path), {"config": config}
 
 class AttentiveProbe(nn.Module):
-    """V-JEPA's attentive probe: one learnt query cross-attends to the frozen patch tokens, then a
-    linear layer. Mean pooling can wash out cues that are contrasts between regions; attention can
-    weigh the regions."""
+    """V-JEPA's attentive probe: a learnt query cross-attends to the patch tokens, then a Linear.
+    Mean pooling can wash out contrasts between regions; attention can weigh them."""
     def __init__(self, dim, n_classes, heads=4):
         super().__init__()
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
@@ -1191,33 +1170,6 @@ def corrupt(imgs, fans, kind, eps, seed=0):
         x = imgs * (1 + blur(eta, eps))
     return x.clamp(0, 1) * fans
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (120, 120, 120), (44, 160, 44), (148, 103, 189)]
-
-def plot_curves(path, xs, series, title):
-    """A line chart drawn with pillow, x on a log axis: the few-shot curve (macro-F1 per %)."""
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", (560, 360), "white")  # plot box: x 56..450, y 28..324; legend at right
-    d, lx, ys = ImageDraw.Draw(im), np.log10(xs), np.array(list(series.values()))
-    y0, y1 = ys.min() - 0.02, ys.max() + 0.02
-    px = 56 + 394 * (lx - lx.min()) / max(np.ptp(lx), 1e-9)  # (X,) the pixel column of each x
-
-    def py(y):  # the pixel row of a macro-F1
-        return 324 - 296 * (y - y0) / (y1 - y0)
-
-    d.rectangle([56, 28, 450, 324], outline="black")
-    d.text((56, 8), title, fill="black")
-    for x, c in zip(xs, px):
-        d.text((c - 8, 330), f"{x:g}%", fill="black")
-    for y in np.linspace(y0, y1, 5):
-        d.text((6, py(y) - 6), f"{y:.2f}", fill="black")
-    for i, (name, s) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        d.line([(c, py(y)) for c, y in zip(px, s)], fill=colour, width=2)
-        for c, y in zip(px, s):
-            d.ellipse([c - 3, py(y) - 3, c + 3, py(y) + 3], fill=colour)
-        d.text((460, 28 + 16 * i), name, fill=colour)
-    im.save(path)
-
 # --------------------------------------------------------------------------------------------------
 # Command line.
 
@@ -1243,8 +1195,7 @@ def teacher_config(cfg):
     return dict(tcfg, data=cfg["data"], mask=cfg["mask"])
 
 def run_pretrain(cfg):
-    """`pretrain`: stage 2 against the frozen teacher at --teacher (trained first when the default
-    path holds none), or against an EMA of the student (--teacher ema, the I-JEPA baseline)."""
+    """`pretrain`: stage 2 against --teacher (trained first if the default path has none) or ema."""
     t = cfg["train"]
     if t.teacher == "ema":
         return train(cfg, "student", "ema")

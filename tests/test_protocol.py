@@ -50,6 +50,7 @@ def test_probe_few_shot_and_robustness_tables(tmp_path, capsys):
     r = json.loads(out.read_text())["results"]["pixels"]
     assert set(r["few_shot"]) == {"10", "100"} and set(r["corrupted"]) == {"blur/1", "blur/2", "speckle/1", "speckle/2"}
     assert all(0 <= m <= 1 for m, _ in list(r["few_shot"].values()) + list(r["corrupted"].values()))
+    S.main(["few-shot", str(out)])  # the curve: a figure, drawn by show.py from the JSON
     assert (tmp_path / "p_few_shot.png").exists()
 
 
