@@ -245,8 +245,12 @@ def bench_data(argv):
     ap.add_argument("--n", default="1000,20000", help="folder sizes (comma-separated)")
     ap.add_argument("--steps", type=int, default=60, help="student steps per training run (batch 64)")
     ap.add_argument("--dir", default="", help="scratch folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--loader_only", action="store_true", help="only the loader rows (folders exist)")
     a = ap.parse_args(argv)
     work = a.dir or tempfile.mkdtemp(prefix="us_jepa_bench_")
+    if a.loader_only:
+        os.environ["US_JEPA_CACHE"] = os.path.join(work, "cache")
+        return loader_alone(work, a.n)
     env = {"US_JEPA_CACHE": os.path.join(work, "cache")}
     os.environ.update(env)  # this process's loader measurement below uses the same cache
     os.makedirs(work, exist_ok=True)
@@ -254,7 +258,7 @@ def bench_data(argv):
     if not os.path.exists(os.path.join(teacher, "best.pt")):
         run_child(["teacher", "--steps", "10", "--n_images", "1000", "--out", teacher], env)
     tflags = ["--teacher", os.path.join(teacher, "best.pt"), "--steps", str(a.steps), "--log_every",
-              str(a.steps), "--eval_every", str(10 * a.steps), "--holdout", "0"]
+              str(a.steps), "--eval_every", str(10 * a.steps), "--holdout", "0", "--overwrite"]
     rows = []
     rate, rss, _ = run_child(["pretrain", *tflags, "--n_images", "6000", "--out", os.path.join(work, "syn")], env)
     rows.append(("built-in synthetic (cache)", "", rate, rss))
@@ -289,20 +293,35 @@ def bench_data(argv):
           f"{'peak RSS MB':>12}")
     for name, _, rate, rss in rows:
         print(f"{name:44} {rate:>7.0f} {100 * rate / rows[0][2]:>7.0f}% {rss:>12.0f}")
-    # The loader alone: what one DataLoader worker delivers (slice the cache + augment + masks), no model.
-    import us_jepa as U
-    cfg = U.parse_config("pretrain", ["--data", os.path.join(work, f"scans_{a.n.split(',')[0]}")])
-    images = D.Images(cfg["data"], 0)
-    steps = U.Steps(images, len(images), cfg, cfg["data"].img_size // 16)
-    torch.set_num_threads(1)
-    steps[0]
-    tic = time.time()
-    for s in range(1, 21):
-        steps[s]
-    print(f"\nloader alone (1 process, 1 thread): {20 * 64 / (time.time() - tic):.0f} images/s "
-          "(slice + augment + masks)")
+    loader_alone(work, a.n)
     if not a.dir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def loader_alone(work, sizes):
+    """What one DataLoader worker delivers (slice the cache + augment + masks, no model), and the
+    memory it maps: anonymous memory stays flat as N grows; the cache's pages that a run touches are
+    mapped file pages (shared by workers and ranks, dropped by the kernel under pressure)."""
+    import us_data as D
+    import us_jepa as U
+
+    def mem():
+        return {k: int(v.split()[0]) / 1024 for k, v in (line.split(":") for line in
+                open("/proc/self/status")) if k in ("RssAnon", "RssFile")}
+    torch.set_num_threads(1)
+    print(f"\n{'loader alone, 1 process, 1 thread':34} {'img/s':>7} {'anon MB':>8} {'+anon':>6} "
+          f"{'+file':>6}")
+    for n in [int(x) for x in sizes.split(",")]:
+        cfg = U.parse_config("pretrain", ["--data", os.path.join(work, f"scans_{n}")])
+        images = D.Images(cfg["data"], 0, say=lambda *a, **k: None)
+        steps = U.Steps(images, len(images), cfg, cfg["data"].img_size // 16)
+        steps[0]
+        m0, tic = mem(), time.time()
+        for s in range(1, 61):  # 60 steps of 64 random rows
+            steps[s]
+        rate, m1 = 60 * 64 / (time.time() - tic), mem()
+        print(f"{f'{n} files':34} {rate:>7.0f} {m1['RssAnon']:>8.0f} "
+              f"{m1['RssAnon'] - m0['RssAnon']:>+6.0f} {m1['RssFile'] - m0['RssFile']:>+6.0f}")
 
 
 def fan_frames():
