@@ -17,7 +17,7 @@ Commands:
   python show.py                # figures: the masks on images, PCA of the student's patch features
 Any command takes --help; every config field is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
-import argparse, copy, difflib, functools, hashlib, json, math, os, sys, time, types
+import argparse, copy, difflib, functools, hashlib, json, math, os, shutil, sys, time, types
 from dataclasses import dataclass, fields, asdict
 
 import numpy as np
@@ -172,7 +172,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_config(command, argv, sections=None):
     """Flags -> make_config(...); sections: the dataclasses of a root script (show.py)."""
     prog = command if sections else f"us_jepa.py {command}"
-    p = _Parser(prog=prog, description=prog)
+    p = _Parser(prog=prog, description=prog, allow_abbrev=False)  # --ov is not --overwrite
     if command in PRESETS["demo"]:
         p.add_argument("--preset", choices=list(PRESETS), default="demo",
                        help="demo (CPU) or paper")
@@ -187,6 +187,26 @@ def parse_config(command, argv, sections=None):
     values = {f.name: parse_value(f.name, f.default, args[f.name]) for f in every
               if args[f.name] is not None}
     return make_config(command, args.get("preset", "demo"), sections, **values)
+
+# The smallest value of each numeric flag that can work (every float must also be finite).
+LOWEST = dict(img_size=1, n_images=1, depth=1, patch_size=1, pred_depth=1, pred_dim=1, pred_heads=1,
+              n_targets=1, tau=1, steps=1, epochs=0, batch_size=1, lr=1e-12, start_lr=0, final_lr=0,
+              warmup=0, clip=0, beta=1e-12, pix_pool=1, log_every=1, eval_every=1, seed=0,
+              threads=0, workers=0, every=1, min_keep=1, seeds=1, patience=1, n_train=1, n_val=1,
+              n_test=1, layers=1, severity=0, max_bad=0, holdout=0)
+HIGHEST = dict(img_size=2048, warmup=1, max_bad=1)  # 2048 px: 16k tokens a patch of 16 already
+
+def check_numbers(*sections):
+    """One pass over every numeric field before any work: finite and within its range."""
+    for sec in sections:
+        for f in fields(sec):
+            v = getattr(sec, f.name)
+            for x in v if isinstance(v, tuple) else (v,):
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                lo, hi = LOWEST.get(f.name, -math.inf), HIGHEST.get(f.name, math.inf)
+                require(math.isfinite(x) and lo <= x <= hi, f"--{f.name} {x:g}: must be a finite "
+                        f"number in [{lo:g}, {hi:g}]")
 
 def check_config(cfg):
     """Reject settings that cannot work, each with one line saying why."""
@@ -213,6 +233,8 @@ def check_config(cfg):
     require(t.workers >= 0, "--workers must be >= 0")
     require(0 <= d.max_bad <= 1, "--max_bad must be in [0, 1]")
     require(0 <= d.holdout < 0.5, "--holdout must be in [0, 0.5)")
+    require(all(0 <= b < 1 for b in t.betas), f"--betas {t.betas}: each in [0, 1)")
+    check_numbers(d, m, k, t)  # whatever the checks above do not name: finite and in range
     require(not d.data or os.path.isdir(d.data), f"--data {d.data}: no such directory")
 
 # --------------------------------------------------------------------------------------------------
@@ -537,7 +559,7 @@ def load_checkpoint(path, ours=True):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, pickled objects, not a torch file, ...
-        first = str(e).splitlines()[0][:120]
+        first = (str(e).splitlines() or [""])[0][:120]  # a 0-byte file's error has no text
         raise UserError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
     require(isinstance(ck, dict) and (not ours or {"kind", "config", "model"} <= set(ck)),
             f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', 'model')")
@@ -693,10 +715,10 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
         steps=t.steps if t.epochs <= 0 else math.ceil(t.epochs * n_train / t.batch_size),
         loss_of=functools.partial(step_loss, kind, cfg, stats, salt, amp),  # (models, batch)
         start=0, best=float("inf"), changes={})
-    if rank == 0:
-        os.makedirs(t.out, exist_ok=True)
     if t.resume:
         resume(r)
+    if rank == 0:  # every check passed: the run takes --out (nothing there changed before this)
+        r.lock = claim_out(t.out, encoder, head)
     say(f"[{kind}] config: {json.dumps(config_dict(cfg))}")
     say(f"[{kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
         f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train"
@@ -707,6 +729,33 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
             if os.path.exists(os.path.join(t.out, f)):
                 os.remove(os.path.join(t.out, f))
     return r
+
+LOCKS = {}  # --out folder -> the open, flock'd lock file of this process
+
+def claim_out(out, *models):
+    """--out made, writable, with room for a checkpoint, and locked for this run: a second run into
+    it is refused (the lock is the kernel's: it goes when the process does, even on SIGKILL)."""
+    import fcntl
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = LOCKS.get(os.path.realpath(out)) or os.open(os.path.join(out, ".lock"),
+                                                         os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"--out {out}: another run (pid {pid}) is writing there") from None
+    LOCKS[os.path.realpath(out)] = fd  # held until this process ends (runs after it here may reuse)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    need = 4 * 4 * sum(p.numel() for m in models for p in m.parameters())  # weights + AdamW, twice
+    free = shutil.disk_usage(out).free
+    require(free > need, f"--out {out}: {free / 2**20:.0f} MB free, a checkpoint needs "
+            f"{need / 2**20:.0f} MB")
+    return fd
 
 def config_dict(cfg):  # a training config's sections as plain dicts: printed, in every checkpoint
     return {s: asdict(cfg[s]) for s in ("data", "model", "mask", "train")}
@@ -771,8 +820,9 @@ def update(opt, params, clip, loss, step, bad):
 
 def stop_if_nonfinite(bad, step, last):
     first, loss, norm = bad.tolist()  # waits for the device: only at log and eval steps
+    kept = f"{last} holds the last good state" if os.path.exists(last) else "no checkpoint written"
     require(first < 0, f"loss {loss:.4g}, gradient norm {norm:.4g} at step {first:.0f}: stopping "
-            f"at step {step}, no update since was applied; {last} holds the last good state")
+            f"at step {step}, no update since was applied; {kept}")
 
 def log_stats(loss, z, world):
     """[loss, feat std] averaged over processes; feat std ~ 0 across images would be collapse."""
@@ -809,9 +859,9 @@ def save_checkpoint(r, step, loss, log):
           "model": encoder.state_dict(), "head": head.state_dict(), "opt": r.opt.state_dict()}
     if teacher is not None:  # the teacher travels with its student, so `probe` can compare them
         ck["teacher"] = dict(r.teacher_meta, model=teacher_weights(teacher))
+    if is_best:  # best.pt first: a kill between the two renames leaves last.pt one step older,
+        save_atomic(ck, os.path.join(out, "best.pt"))  # which --resume repeats; never a stale best
     save_atomic(ck, os.path.join(out, "last.pt"))
-    if is_best:
-        save_atomic(ck, os.path.join(out, "best.pt"))
     say(f"[{r.kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' * is_best}", flush=True)
 
 def train(cfg, kind, teacher=None, teacher_ck=None):
@@ -983,9 +1033,11 @@ def check_probe(p):
         raise UserError(f"--fractions {p.fractions!r} / --severity {p.severity!r}: comma-separated"
                         " numbers") from None
     kinds = [c for c in p.corrupt.split(",") if c]
-    require(all(0 < f <= 100 for f in fracs) and all(e > 0 for e in sev)
-            and set(kinds) <= set(CORRUPTIONS),
-            "--fractions in (0, 100], --severity > 0, --corrupt from blur,contrast,speckle")
+    require(all(0 < f <= 100 for f in fracs) and all(0 < e <= 4 for e in sev)
+            and set(kinds) <= set(CORRUPTIONS), "--fractions in (0, 100], --severity in (0, 4] "
+            "(past 4.5 the contrast corruption inverts the image), --corrupt from "
+            "blur,contrast,speckle")
+    check_numbers(p)
     size = ck["config"]["data"]["img_size"] if ck else DataConfig.img_size
     return names, ck, size, fracs, kinds, sev
 
@@ -1052,8 +1104,15 @@ def print_tables(results, classes, seeds):
 
 def run_probe(p):
     """`probe`: every encoder, p.seeds seeds; tables and a JSON (show.py few-shot: the curve)."""
-
     names, ck, size, fracs, kinds, sev = check_probe(p)
+    name = f"probe_{'data' if p.data else p.task}.json"
+    out = p.out or os.path.join(os.path.dirname(p.ckpt) or ".", name)
+    try:  # where the results go is checked before the probe runs, not after
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror}") from None
+    require(os.access(os.path.dirname(out) or ".", os.W_OK) and not os.path.isdir(out),
+            f"--out {out}: not a writable file path")
     data, classes = probe_data(p, size)
     sizes = ", ".join(f"{s} {len(v)}" for s, v in data.items())
     print(f"[probe] {p.data or p.task}: {sizes} images; classes {classes}; {p.seeds} seeds")
@@ -1067,9 +1126,7 @@ def run_probe(p):
         results[name] = dict(probe_scores(feats, labels, len(classes), p, fracs),
                              seconds=round(time.time() - tic, 1))
     print_tables(results, classes, p.seeds)
-    name = f"probe_{'data' if p.data else p.task}.json"
-    out = unique_path(p.out or os.path.join(os.path.dirname(p.ckpt) or ".", name))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = unique_path(out)
     with open(out, "w") as f:
         json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
     print(f"\nwrote {out}  (chance macro-F1 ~ {1 / len(classes):.3f} for balanced classes)")
@@ -1216,6 +1273,7 @@ def main(argv=None):
         require(cmd in SECTIONS, f"unknown command {cmd!r}; choose one of {', '.join(SECTIONS)}")
         cfg = parse_config(cmd, argv[1:])
         section = cfg.get("train") or cfg[cmd]
+        require(section.threads >= 0, f"--threads {section.threads}: must be >= 0")
         if section.threads:
             torch.set_num_threads(section.threads)
         if cmd == "probe":
