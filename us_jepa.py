@@ -194,13 +194,18 @@ LOWEST = dict(img_size=1, n_images=1, depth=1, patch_size=1, pred_depth=1, pred_
               warmup=0, clip=0, beta=1e-12, pix_pool=1, log_every=1, eval_every=1, seed=0,
               threads=0, workers=0, every=1, min_keep=1, seeds=1, patience=1, n_train=1, n_val=1,
               n_test=1, layers=1, severity=0, max_bad=0, holdout=0)
-HIGHEST = dict(img_size=2048, warmup=1, max_bad=1)  # 2048 px: 16k tokens a patch of 16 already
+# The largest that make sense (2048 px: 16k tokens at patch 16); stored configs are held to them.
+HIGHEST = dict(img_size=2048, warmup=1, max_bad=1, depth=64, pred_depth=64, pred_dim=8192,
+               pred_heads=128, patch_size=64)
 
 def check_numbers(*sections):
     """One pass over every numeric field before any work: finite and within its range."""
     for sec in sections:
         for f in fields(sec):
             v = getattr(sec, f.name)
+            kind = (int, float) if type(f.default) is float else type(f.default)
+            require(isinstance(v, kind) and (kind is bool or not isinstance(v, bool)),
+                    f"--{f.name} {v!r}: not a {type(f.default).__name__}")
             for x in v if isinstance(v, tuple) else (v,):
                 if isinstance(x, bool) or not isinstance(x, (int, float)):
                     continue
@@ -542,8 +547,13 @@ class Steps(torch.utils.data.Dataset):
 
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # a full disk: no .tmp left behind, the previous checkpoint kept
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"{path}: cannot write ({e.strerror}); the previous one is kept") from None
 
 def unique_path(path):
     """`path`, or path-1, path-2, ... : never overwrite a result."""
@@ -563,7 +573,19 @@ def load_checkpoint(path, ours=True):
         raise UserError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
     require(isinstance(ck, dict) and (not ours or {"kind", "config", "model"} <= set(ck)),
             f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', 'model')")
+    try:  # a stored config that cannot describe a ViT is refused before anything is allocated
+        for config in [ck["config"], ck.get("teacher", {}).get("config")] if ours else []:
+            check_stored(config)
+    except (TypeError, KeyError, AttributeError, UserError) as e:
+        raise UserError(f"{path}: its stored config cannot describe a ViT ({e})") from None
     return ck
+
+def check_stored(config):
+    """A checkpoint's model config (or None): the types and ranges of the flags that made it."""
+    if config is not None:
+        model = ModelConfig(**config["model"])
+        check_numbers(model, DataConfig(img_size=config["data"]["img_size"]))
+        require(model.model in ENCODERS, f"--model {model.model}: unknown width")
 
 def build_encoder(config, state=None, path="checkpoint"):
     """The ViT a checkpoint's config describes, with its weights."""

@@ -185,3 +185,37 @@ def test_best_is_written_before_last(tmp_path, monkeypatch):
     monkeypatch.setattr(U, "save_atomic", record)
     U.main(["teacher", *TINY, "--out", str(tmp_path / "run")])
     assert written == ["best.pt", "last.pt"]
+
+
+@pytest.mark.parametrize("model,data", [
+    ({"model": "vit_tiny", "depth": "six", "patch_size": 16}, {"img_size": 96}),  # a string
+    ({"model": "vit_tiny", "depth": 10**9, "patch_size": 16}, {"img_size": 96}),  # absurd: never allocated
+    ({"model": "vit_giant", "depth": 2, "patch_size": 16}, {"img_size": 96}),
+    ({"model": "vit_tiny", "depth": 2, "patch_size": 16, "bogus": 1}, {"img_size": 96}),
+    ({"model": "vit_tiny", "depth": 2, "patch_size": 16}, {"img_size": -96}),
+    ({"model": "vit_tiny", "depth": 2, "patch_size": 16}, {}),
+])
+def test_a_checkpoint_with_a_nonsense_config_is_refused(tmp_path, capsys, model, data):
+    import torch
+    path = tmp_path / "odd.pt"
+    torch.save({"kind": "student", "config": {"data": data, "model": model}, "model": {}}, path)
+    refused(["probe", "--ckpt", str(path), "--encoder", "student", "--out", str(tmp_path / "p.json")],
+            capsys, "its stored config cannot describe a ViT")
+
+
+def test_a_full_disk_leaves_no_tmp_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import torch
+    path = tmp_path / "last.pt"
+    U.save_atomic({"a": 1}, str(path))
+
+    def full(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(U.UserError, match="No space left on device"):
+        U.save_atomic({"a": 2}, str(path))
+    assert os.listdir(tmp_path) == ["last.pt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"a": 1}
