@@ -842,6 +842,15 @@ class Images:
         if self.rows is not None: return len(self.rows)
         return len(self.files) if self.files else self.d.n_images
 
+    def name(self, i):
+        """What image i is, for a message: its file (and frame), or its index in the synthetic pool."""
+        if self.rows is not None:
+            path, frame = self.cache.keys[self.rows[i]][:2]
+            return os.path.join(self.d.data, path) + (f" frame {frame}" if frame is not None else "")
+        if self.files:
+            return self.files[i][0] + (f" frame {self.files[i][1]}" if self.files[i][1] is not None else "")
+        return f"synthetic image {i}"
+
     def __getitem__(self, idx):  # indices (B,) -> imgs (B, 1, S, S) in [0, 1], 8-bit steps like a stored image; fans
         idx, S = [int(i) for i in idx], self.d.img_size
         if self.cache is not None:

@@ -840,11 +840,18 @@ def update(opt, params, clip, loss, step, bad):
         opt.step()
     return bad
 
-def stop_if_nonfinite(bad, step, last):
+def stop_if_nonfinite(bad, step, last, r=None):
     first, loss, norm = bad.tolist()  # waits for the device: only at log and eval steps
+    if first < 0:
+        return
     kept = f"{last} holds the last good state" if os.path.exists(last) else "no checkpoint written"
-    require(first < 0, f"loss {loss:.4g}, gradient norm {norm:.4g} at step {first:.0f}: stopping "
-            f"at step {step}, no update since was applied; {kept}")
+    names = ""
+    if r is not None:  # the bad step's images, found again from the step (draws are keyed by it)
+        t = r.cfg["train"]
+        idx = batch_indices(int(first), t.batch_size, r.n_train, t.seed)[:3].tolist()
+        names = "; its images include " + ", ".join(r.images.name(i) for i in idx)
+    raise UserError(f"loss {loss:.4g}, gradient norm {norm:.4g} at step {first:.0f}: stopping at "
+                    f"step {step}, no update since was applied; {kept}{names}")
 
 def log_stats(loss, z, world):
     """[loss, feat std] averaged over processes; feat std ~ 0 across images would be collapse."""
@@ -924,7 +931,7 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         at_log = (step + 1) % t.log_every == 0 or step + 1 == r.steps
         at_eval = (step + 1) % t.eval_every == 0 or step + 1 == r.steps
         if at_log or at_eval:  # the only steps that wait for the device
-            stop_if_nonfinite(bad, step, os.path.join(t.out, "last.pt"))
+            stop_if_nonfinite(bad, step, os.path.join(t.out, "last.pt"), r)
         stats = log_stats(loss, z, r.world) if at_log else None
         busy, seen = busy + time.time() - tic, seen + t.batch_size
         if peak:

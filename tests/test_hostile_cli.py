@@ -219,3 +219,19 @@ def test_a_full_disk_leaves_no_tmp_and_keeps_the_checkpoint(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["last.pt"]
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"a": 1}
+
+
+def test_a_nan_stop_names_files_of_the_bad_batch(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+    import us_data as D
+    data = tmp_path / "data"
+    data.mkdir()
+    imgs = D.synth_batch(range(40), 64, 3, "lesion")[0]
+    for i in range(40):
+        Image.fromarray((imgs[i, 0].numpy() * 255).astype(np.uint8)).save(data / f"scan_{i:02d}.png")
+    real = U.mae_loss
+    monkeypatch.setattr(U, "mae_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    refused(["teacher", "--data", str(data), "--img_size", "64", "--batch_size", "8", "--steps", "2",
+             "--depth", "1", "--pred_depth", "1", "--out", str(tmp_path / "run")], capsys,
+            f"; its images include {data}{os.sep}scan_")

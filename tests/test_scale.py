@@ -146,6 +146,8 @@ def test_nan_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "loss nan, gradient norm nan at step 2" in err
     assert (out / "last.pt").read_bytes() == good
+    first = U.batch_indices(2, 16, 160 - 8, 0)[:3].tolist()  # step 2's images, named in the line
+    assert f"; its images include synthetic image {first[0]}, synthetic image {first[1]}," in err
 
 
 def test_more_processes_than_gpus(monkeypatch):
