@@ -541,19 +541,17 @@ def frame_list(path, every):
 def find_images(root, every=1):
     """-> sorted (path, frame) items: frame None for an image or a 1-frame DICOM; 0, every, ...
     for a DICOM cine."""
-    paths = walk_images(root)
-    dcm = [p for p in paths if p.lower().endswith(".dcm")]
-    if dcm:
-        need_pydicom(dcm[0])  # without pydicom the run stops, rather than skipping every .dcm file
-    items = [(p, i) for p in paths for i in frame_list(p, every)]
-    if not items:
-        raise UserError(f"--data {root}: no images ({', '.join(IMAGE_EXTS)}) below it")
-    return items
+    return [(p, i) for p, i, _ in file_items(root, every)[0]]
 
 
 def frames(path):
     """Frames in a file: DICOM from its header alone (0: no pixel data), any other image 1."""
     return read_dicom(path, count=True) if path.lower().endswith(".dcm") else 1
+
+
+def item_name(path, frame):
+    """An item as messages name it: its path, and its frame when it is one of a cine's."""
+    return path + (f" frame {frame}" if frame is not None else "")
 
 
 def usable(items, max_bad, min_side):
@@ -573,8 +571,7 @@ def usable(items, max_bad, min_side):
         return "" if min(a.shape) >= min_side else f"smaller than {min_side} px"
     with ThreadPoolExecutor(8) as pool:
         whys = list(pool.map(why, items))  # decoders release the GIL
-    bad = [p + (f" frame {i}" if i is not None else "") + f" ({w})"
-           for (p, i), w in zip(items, whys) if w]
+    bad = [item_name(p, i) + f" ({w})" for (p, i), w in zip(items, whys) if w]
     screen(bad, len(items), max_bad, min_side)
     return [f for f, w in zip(items, whys) if not w]
 
@@ -833,8 +830,8 @@ class Images:
         self.cache = open_cache(folder, params, items, keys, say=say)
         c = self.cache
         ok = (c.shape.min(1) >= min_side) & ~np.isin(np.arange(len(c.keys)), list(c.bad))
-        bad = [os.path.join(root, c.keys[r][0]) + (f" frame {c.keys[r][1]}" if c.keys[r][1] is not None else "")
-               + (f" ({c.bad[r]})" if r in c.bad else "") for r in np.flatnonzero(~ok)]
+        bad = [item_name(os.path.join(root, c.keys[r][0]), c.keys[r][1]) + (f" ({c.bad[r]})" if r in c.bad else "")
+               for r in np.flatnonzero(~ok)]
         screen(bad, len(ok), d.max_bad, min_side, say)
         self.rows = np.flatnonzero(ok)
 
@@ -846,9 +843,9 @@ class Images:
         """What image i is, for a message: its file (and frame), or its index in the synthetic pool."""
         if self.rows is not None:
             path, frame = self.cache.keys[self.rows[i]][:2]
-            return os.path.join(self.d.data, path) + (f" frame {frame}" if frame is not None else "")
+            return item_name(os.path.join(self.d.data, path), frame)
         if self.files:
-            return self.files[i][0] + (f" frame {self.files[i][1]}" if self.files[i][1] is not None else "")
+            return item_name(*self.files[i])
         return f"synthetic image {i}"
 
     def __getitem__(self, idx):  # indices (B,) -> imgs (B, 1, S, S) in [0, 1], 8-bit steps like a stored image; fans
@@ -862,7 +859,7 @@ class Images:
         return (imgs * 255).round() / 255, fans
 
 
-def file_items(root, every, folder, params):
+def file_items(root, every, folder=None, params=None):
     """The (path, frame, mask) items below root and their keys (relative path, frame, size, mtime). DICOM headers
     are read again only for files whose size or mtime changed since the cache in `folder` was built."""
     known = {}
@@ -872,7 +869,7 @@ def file_items(root, every, folder, params):
         if index.get("params") == params:
             for rel, frame, size, mtime in index["keys"]:
                 known.setdefault((rel, size, mtime), []).append(frame)
-    except Exception:  # no usable index: every file is new
+    except Exception:  # no folder, no usable index: every file is new
         pass
     items, keys, paths = [], [], walk_images(root)
     dcm = [p for p in paths if p.lower().endswith(".dcm")]
@@ -953,8 +950,7 @@ def probe_data(p, size):
     row = {it: r for r, it in enumerate(items)}
     if cache.bad:  # a probe needs every one of its images: a broken one is an error
         r = min(cache.bad)
-        frame = f" frame {items[r][1]}" if items[r][1] is not None else ""
-        raise UserError(f"cannot use probe image {items[r][0]}{frame}: {cache.bad[r]}")
+        raise UserError(f"cannot use probe image {item_name(*items[r][:2])}: {cache.bad[r]}")
     for split, rs in recs.items():
         rows = np.array([row[(f, i, mp)] for f, _, mp, i in rs], np.int64)
         out[split] = Split(lambda r, rows=rows: cache.get(rows[r]), [r[1] for r in rs])
