@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kernels  # noqa: E402
 import us_jepa as U  # noqa: E402
+import us_util  # noqa: E402
 
 SIZES = {"small": (64, 36, 192, 4, 4, 28), "paper": (128, 196, 768, 4, 18, 96),
          "large": (256, 196, 1024, 4, 18, 96)}  # B, N, D, M, K target, K context
@@ -140,7 +141,7 @@ def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, c
                                       "--pred_depth", str(pred[0]), "--pred_dim", str(pred[1])])
     flops = U.step_flops(cfg["data"], cfg["model"], teacher, "student", batch, ctx.shape[1],
                          tgt.shape[2], tgt.shape[0])
-    peak = next((v for n, v in U.PEAK_BF16.items() if device == "cuda" and n in torch.cuda.get_device_name()), 0)
+    peak = us_util.peak_flops(torch.device(device))
     return batch / ms * 1e3, mb, flops / (ms / 1e3) / peak if peak else float("nan")
 
 
@@ -170,7 +171,7 @@ def bench_kernels(argv):
     if a.no_step: return
     print()
     # The ladder on a GPU (ViT-B/16, 224 px, batch 128): eager fp32, bf16, bf16 + compile, bf16 + compile +
-    # fused ops; MFU against the card's dense bf16 peak (U.PEAK_BF16), also for the fp32 row. On CPU: the demo.
+    # fused ops; MFU against the card's dense bf16 peak (us_util.PEAK_BF16), also for the fp32 row. On CPU: the demo.
     bf16, fp32 = torch.bfloat16, torch.float32
     ops = ["torch"] + [b for b in fused if b != "triton" or dev == "cuda"]
     if dev == "cuda":

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import us_jepa as U
+from us_util import require, unique_path
 from us_data import UserError, synth_batch
 
 
@@ -58,7 +59,7 @@ def run_show(s):
     os.makedirs(s.out, exist_ok=True)
     for name, rows in (("masks", [mixed]), ("pca", [rgb, pca.numpy() * 255])):
         grid_img = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)  # side by side
-        path = U.unique_path(os.path.join(s.out, f"{name}.png"))
+        path = unique_path(os.path.join(s.out, f"{name}.png"))
         Image.fromarray(grid_img.clip(0, 255).astype(np.uint8)).resize(
             (grid_img.shape[1] * 2, grid_img.shape[0] * 2), Image.NEAREST).save(path)
         print(f"[show] wrote {path}")
@@ -95,13 +96,13 @@ def plot_curves(path, xs, series, title):
 
 def few_shot(path):
     """The few-shot curve of a probe JSON (`probe --fractions ...`) beside it: macro-F1 per %."""
-    U.require(os.path.isfile(path), f"{path}: no such probe JSON")
+    require(os.path.isfile(path), f"{path}: no such probe JSON")
     with open(path) as f:
         results = json.load(f)["results"]
     fracs = list(next(iter(results.values()))["few_shot"])
-    U.require(fracs, f"{path}: no few-shot results (probe --fractions 1,5,10,50,100 writes them)")
+    require(fracs, f"{path}: no few-shot results (probe --fractions 1,5,10,50,100 writes them)")
     curves = {n: [r["few_shot"][f][0] for f in fracs] for n, r in results.items()}
-    out = U.unique_path(os.path.splitext(path)[0] + "_few_shot.png")
+    out = unique_path(os.path.splitext(path)[0] + "_few_shot.png")
     plot_curves(out, [float(f) for f in fracs], curves, "few-shot macro-F1")
     print(f"[show] wrote {out}")
 

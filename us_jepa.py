@@ -9,7 +9,8 @@ The idea in five lines:
   5. The student is judged by a linear probe on frozen, mean-pooled features of labeled tasks.
 
 References: US-JEPA (arXiv 2602.19322), SALT (arXiv 2509.24317), I-JEPA (arXiv 2301.08243),
-MAE (arXiv 2111.06377). Images come from us_data.py, fused ops from kernels/, figures from show.py.
+MAE (arXiv 2111.06377). Images come from us_data.py, fused ops from kernels/, plumbing (flags,
+files, locks, processes) from us_util.py, figures from show.py.
 Commands:
   python us_jepa.py teacher     # stage 1: train a teacher on built-in synthetic images (or --data)
   python us_jepa.py pretrain    # stage 2: SALT student (trains a teacher first if none is found)
@@ -17,7 +18,7 @@ Commands:
   python show.py                # figures: the masks on images, PCA of the student's patch features
 Any command takes --help; every config field is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
-import argparse, copy, difflib, functools, hashlib, json, math, os, shutil, sys, time, types
+import copy, functools, json, math, os, sys, time, types
 from dataclasses import dataclass, fields, asdict
 
 import numpy as np
@@ -26,6 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from us_data import UserError, Images, probe_data
+from us_util import (require, parse_flags, check_numbers, check_train_flags, check_probe_flags,
+                     save_atomic, unique_path, load_file, weights_sha256, claim_out, writable_file,
+                     setup_distributed, say, peak_flops, Meter, precision, print_tables,
+                     timm_vit_state, run_command)
 
 # --------------------------------------------------------------------------------------------------
 # Config: small dataclasses; the command line is generated from them; stored in every checkpoint.
@@ -130,13 +135,6 @@ PRESETS = {
     "paper": {"pretrain": PAPER,
               "teacher": dict(PAPER, out="runs/teacher", steps=250, pred_depth=8, pred_dim=512,
                               pred_heads=16, lr=1.5e-4, final_lr=1.5e-4, wd=(0.05, 0.05))}}
-BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-         "off": False}
-
-def require(ok, message):
-    """Bad input: one line on stderr and exit code 2 (main), no traceback."""
-    if not ok:
-        raise UserError(message)
 
 def make_config(command, preset="demo", sections=None, **values):
     """-> {section: dataclass instance} of `command` under the preset, with `values` on top."""
@@ -147,100 +145,12 @@ def make_config(command, preset="demo", sections=None, **values):
         cfg[cls.__name__.replace("Config", "").lower()] = cls(**mine)
     return cfg
 
-def parse_value(name, default, text):
-    """A flag's text as its field's type; "0.15,0.25" -> (0.15, 0.25)."""
-    try:
-        if isinstance(default, bool):
-            return BOOLS[text.lower()]
-        if not isinstance(default, tuple):
-            return type(default)(text)
-        parts = tuple(float(p) for p in text.split(","))
-        if len(parts) == len(default):
-            return parts
-    except (KeyError, ValueError):
-        pass
-    raise UserError(f"--{name}: cannot read {text!r} as {type(default).__name__}"
-                    f" (example: {default})")
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of argparse's usage block; a spelling hint
-        known = [o for a in self._actions for o in a.option_strings]
-        hint = [h for w in message.split() if w.startswith("--") and w.split("=")[0] not in known
-                for h in difflib.get_close_matches(w.split("=")[0], known, 1)]
-        raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else ""))
-
 def parse_config(command, argv, sections=None):
     """Flags -> make_config(...); sections: the dataclasses of a root script (show.py)."""
     prog = command if sections else f"us_jepa.py {command}"
-    p = _Parser(prog=prog, description=prog, allow_abbrev=False)  # --ov is not --overwrite
-    if command in PRESETS["demo"]:
-        p.add_argument("--preset", choices=list(PRESETS), default="demo",
-                       help="demo (CPU) or paper")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    every = [f for cls in sections or SECTIONS[command] for f in fields(cls)]
-    for f in every:  # bare flags: --augment = --augment true, --resume = --resume auto
-        const = "auto" if f.name == "resume" else "true" if isinstance(f.default, bool) else None
-        bare = dict(nargs="?", const=const) if const else {}
-        p.add_argument(f"--{f.name}", metavar=type(f.default).__name__.upper(),
-                       help=f"default: {f.default}", **bare)
-    args = vars(p.parse_args(argv))
-    values = {f.name: parse_value(f.name, f.default, args[f.name]) for f in every
-              if args[f.name] is not None}
-    return make_config(command, args.get("preset", "demo"), sections, **values)
-
-# The smallest value of each numeric flag that can work (every float must also be finite).
-LOWEST = dict(img_size=1, n_images=1, depth=1, patch_size=1, pred_depth=1, pred_dim=1, pred_heads=1,
-              n_targets=1, tau=1, steps=1, epochs=0, batch_size=1, lr=1e-12, start_lr=0, final_lr=0,
-              warmup=0, clip=0, beta=1e-12, pix_pool=1, log_every=1, eval_every=1, seed=0,
-              threads=0, workers=0, every=1, min_keep=1, seeds=1, patience=1, n_train=1, n_val=1,
-              n_test=1, layers=1, severity=0, max_bad=0, holdout=0)
-# The largest that make sense (2048 px: 16k tokens at patch 16); stored configs are held to them.
-HIGHEST = dict(img_size=2048, warmup=1, max_bad=1, depth=64, pred_depth=64, pred_dim=8192,
-               pred_heads=128, patch_size=64)
-
-def check_numbers(*sections):
-    """One pass over every numeric field before any work: finite and within its range."""
-    for sec in sections:
-        for f in fields(sec):
-            v = getattr(sec, f.name)
-            kind = (int, float) if type(f.default) is float else type(f.default)
-            require(isinstance(v, kind) and (kind is bool or not isinstance(v, bool)),
-                    f"--{f.name} {v!r}: not a {type(f.default).__name__}")
-            for x in v if isinstance(v, tuple) else (v,):
-                if isinstance(x, bool) or not isinstance(x, (int, float)):
-                    continue
-                lo, hi = LOWEST.get(f.name, -math.inf), HIGHEST.get(f.name, math.inf)
-                require(math.isfinite(x) and lo <= x <= hi, f"--{f.name} {x:g}: must be a finite "
-                        f"number in [{lo:g}, {hi:g}]")
-
-def check_config(cfg):
-    """Reject settings that cannot work, each with one line saying why."""
-    d, m, k, t = cfg["data"], cfg["model"], cfg["mask"], cfg["train"]
-    require(m.model in ENCODERS, f"--model {m.model}: choose one of {list(ENCODERS)}")
-    require(0 < m.patch_size <= d.img_size and d.img_size % m.patch_size == 0,
-            f"--img_size {d.img_size} must be a multiple of --patch_size {m.patch_size}")
-    require(m.pred_heads > 0 and m.pred_dim % m.pred_heads == 0, "--pred_dim must be divisible by "
-            "--pred_heads")
-    for name in ("tgt_scale", "ctx_scale", "tgt_aspect", "crop_scale", "wd", "betas"):
-        lo, hi = getattr(k, name, None) or getattr(d, name, None) or getattr(t, name)
-        bad = lo > hi or lo < 0 or (name.endswith("scale") and not 0 < lo <= hi <= 1)
-        require(not bad and (name != "tgt_aspect" or lo > 0), f"--{name} {lo},{hi}: need low <= "
-                "high in the valid range")
-    require(1 <= k.min_keep < (d.img_size // m.patch_size) ** 2 and k.n_targets >= 1,
-            "--min_keep must be in [1, patches per image) and --n_targets >= 1")
-    require(t.batch_size >= 1 and t.steps >= 1, "--batch_size and --steps must be >= 1")
-    require(d.every >= 1, f"--every {d.every}: must be >= 1 (1 = every frame of a DICOM cine)")
-    require(t.loss in ("smooth_l1", "l1", "l2"), "--loss: smooth_l1 | l1 | l2")
-    require(t.pix_pool >= 1 and m.patch_size % t.pix_pool == 0, "--pix_pool must divide "
-            "--patch_size")
-    require(t.resume in ("", "auto", "force"), f"--resume {t.resume}: auto (or a bare --resume) "
-            "| force")
-    require(t.workers >= 0, "--workers must be >= 0")
-    require(0 <= d.max_bad <= 1, "--max_bad must be in [0, 1]")
-    require(0 <= d.holdout < 0.5, "--holdout must be in [0, 0.5)")
-    require(all(0 <= b < 1 for b in t.betas), f"--betas {t.betas}: each in [0, 1)")
-    check_numbers(d, m, k, t)  # whatever the checks above do not name: finite and in range
-    require(not d.data or os.path.isdir(d.data), f"--data {d.data}: no such directory")
+    presets = list(PRESETS) if command in PRESETS["demo"] else ()
+    preset, values = parse_flags(prog, sections or SECTIONS[command], argv, presets)
+    return make_config(command, preset or "demo", sections, **values)
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation: the paper's pretraining augmentations, applied to a batch (images: us_data.py).
@@ -545,36 +455,14 @@ class Steps(torch.utils.data.Dataset):
             ctx, tgt = ctx[lo:lo + B], tgt[:, lo:lo + B]
         return img, (ctx, tgt)  # (B, 1, S, S), (B, Kc), (M, B, Kt)
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    try:
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except OSError as e:  # a full disk: no .tmp left behind, the previous checkpoint kept
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise UserError(f"{path}: cannot write ({e.strerror}); the previous one is kept") from None
-
-def unique_path(path):
-    """`path`, or path-1, path-2, ... : never overwrite a result."""
-    base, ext = os.path.splitext(path)
-    i = 1
-    while os.path.exists(path):
-        path, i = f"{base}-{i}{ext}", i + 1
-    return path
-
-def load_checkpoint(path, ours=True):
-    """A checkpoint of ours (ours=False: any dict), loaded weights_only: no pickled code runs."""
-    require(os.path.isfile(path), f"{path}: no such checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickled objects, not a torch file, ...
-        first = (str(e).splitlines() or [""])[0][:120]  # a 0-byte file's error has no text
-        raise UserError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
-    require(isinstance(ck, dict) and (not ours or {"kind", "config", "model"} <= set(ck)),
-            f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', 'model')")
+def load_checkpoint(path, ck=None):
+    """A checkpoint of ours, loaded weights_only (us_util.load_file): no pickled code runs. ck: the
+    file's dict when it was loaded already."""
+    ck = load_file(path) if ck is None else ck
+    require({"kind", "config", "model"} <= set(ck), f"{path}: not a us_jepa checkpoint (needs "
+            "'kind', 'config', 'model')")
     try:  # a stored config that cannot describe a ViT is refused before anything is allocated
-        for config in [ck["config"], ck.get("teacher", {}).get("config")] if ours else []:
+        for config in (ck["config"], ck.get("teacher", {}).get("config")):
             check_stored(config)
     except (TypeError, KeyError, AttributeError, UserError) as e:
         raise UserError(f"{path}: its stored config cannot describe a ViT ({e})") from None
@@ -605,14 +493,6 @@ def build_encoder(config, state=None, path="checkpoint"):
 def teacher_weights(vit):  # what a checkpoint stores of a teacher
     return {**vit.state_dict(), "pos_embed": vit.pos_embed}
 
-def weights_sha256(state):
-    """A fingerprint of a state dict's names and bytes: --resume checks the teacher with it."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
-
 def select_kernels(name, device):
     """--kernels -> (gather, salt_loss): fused ops of kernels/, or the references above."""
     if name == "torch":
@@ -623,25 +503,6 @@ def select_kernels(name, device):
     except RuntimeError as e:
         raise UserError(str(e)) from None
     return (ops.masked_gather, ops.salt_loss) if ops else (apply_masks, salt_loss)
-
-def setup_distributed():
-    """torchrun's process per device (nccl on GPUs, gloo on CPU). -> rank, world size, device"""
-    world, rank, local = (int(os.environ.get(v, 0)) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
-    cuda = torch.cuda.is_available()
-    require(not cuda or local < torch.cuda.device_count(), f"process {local} has no GPU: "
-            f"{torch.cuda.device_count()} visible; lower --nproc_per_node")
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return rank, max(world, 1), device
-
-def say(*args, **kwargs):  # print, in one process (rank 0) only
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs)
-
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, dense
 
 def step_flops(d, m, teacher, kind, B, Kc, Kt, M):
     """Matmul FLOPs of a training step (MFU's numerator): per block 24 d^2 per token (qkv, proj,
@@ -684,15 +545,6 @@ def make_optimizer(encoder, head, t, fused):
     groups = [{"params": [p for p in params if p.ndim >= 2]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=fused or None), params
-
-def precision(device, bf16):
-    """bf16 autocast on CUDA, else float32 (TF32 matmuls on sm80+). -> autocast, its description"""
-    cuda = device.type == "cuda"
-    tf32 = cuda and not bf16 and torch.cuda.get_device_capability(device) >= (8, 0)
-    if tf32:
-        torch.set_float32_matmul_precision("high")
-    said = "bf16 autocast" if cuda and bf16 else "float32, TF32 matmuls" if tf32 else "float32"
-    return torch.autocast("cuda", torch.bfloat16, enabled=cuda and bf16), said
 
 def step_loss(kind, cfg, stats, salt, amp, enc, head, teacher, img, ctx, tgt):
     """Stage 1: MAE's pixel loss; stage 2: SALT on standardised teacher features. -> loss, z"""
@@ -740,7 +592,8 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
     if t.resume:
         resume(r)
     if rank == 0:  # every check passed: the run takes --out (nothing there changed before this)
-        r.lock = claim_out(t.out, encoder, head)
+        need = 16 * sum(p.numel() for p in params)  # fp32 weights + AdamW's two moments, x2
+        r.lock = claim_out(t.out, need)
     say(f"[{kind}] config: {json.dumps(config_dict(cfg))}")
     say(f"[{kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
         f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train"
@@ -751,33 +604,6 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
             if os.path.exists(os.path.join(t.out, f)):
                 os.remove(os.path.join(t.out, f))
     return r
-
-LOCKS = {}  # --out folder -> the open, flock'd lock file of this process
-
-def claim_out(out, *models):
-    """--out made, writable, with room for a checkpoint, and locked for this run: a second run into
-    it is refused (the lock is the kernel's: it goes when the process does, even on SIGKILL)."""
-    import fcntl
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd = LOCKS.get(os.path.realpath(out)) or os.open(os.path.join(out, ".lock"),
-                                                         os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"--out {out}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise UserError(f"--out {out}: another run (pid {pid}) is writing there") from None
-    LOCKS[os.path.realpath(out)] = fd  # held until this process ends (runs after it here may reuse)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    need = 4 * 4 * sum(p.numel() for m in models for p in m.parameters())  # weights + AdamW, twice
-    free = shutil.disk_usage(out).free
-    require(free > need, f"--out {out}: {free / 2**20:.0f} MB free, a checkpoint needs "
-            f"{need / 2**20:.0f} MB")
-    return fd
 
 def config_dict(cfg):  # a training config's sections as plain dicts: printed, in every checkpoint
     return {s: asdict(cfg[s]) for s in ("data", "model", "mask", "train")}
@@ -907,14 +733,11 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         Steps(r.images, r.n_train, cfg, encoder.grid, r.rank, r.world), batch_size=None,
         sampler=range(r.start, r.steps), num_workers=t.workers, pin_memory=r.device.type == "cuda",
         persistent_workers=t.workers > 0)
-    gpu = torch.cuda.get_device_name() if r.device.type == "cuda" else "none"
-    peak = next((v for name, v in PEAK_BF16.items() if name in gpu), 0)
     log = open(os.path.join(t.out, "log.jsonl"), "a") if r.rank == 0 else None
     if log and r.changes:
         log.write(json.dumps(dict(step=r.start, resume_force=r.changes)) + "\n")
     bad = torch.tensor([-1.0, 0.0, 0.0], device=r.device)  # first non-finite step, its loss, norm
-    t0, seen, busy, flops, tic = time.time(), 0, 0.0, 0.0, time.time()
-    window = (0, 0.0, 0.0)  # seen, busy, flops at the last log line: its speed is since then
+    meter = Meter(peak_flops(r.device) * r.world)  # images/s and MFU between log lines
     for step, (img, (ctx, tgt)) in zip(range(r.start, r.steps), loader):
         lr, wd = schedule(step, r.steps, t)
         opt.param_groups[0].update(lr=lr, weight_decay=wd)
@@ -933,38 +756,34 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         if at_log or at_eval:  # the only steps that wait for the device
             stop_if_nonfinite(bad, step, os.path.join(t.out, "last.pt"), r)
         stats = log_stats(loss, z, r.world) if at_log else None
-        busy, seen = busy + time.time() - tic, seen + t.batch_size
-        if peak:
-            flops += step_flops(d, m, teacher, kind, t.batch_size, ctx.shape[1], tgt.shape[2],
-                                tgt.shape[0])
+        M, _, Kt = tgt.shape
+        meter.add(t.batch_size, step_flops(d, m, teacher, kind, t.batch_size, ctx.shape[1], Kt, M))
         if at_log:
-            (n, b, f) = [a - w for a, w in zip((seen, busy, flops), window)]
-            window = (seen, busy, flops)
-            mfu = f" | MFU {f / b / (peak * r.world):.1%}" if peak else ""
+            img_s, speed = meter.window()
             say(f"[{kind}] step {step + 1}/{r.steps} | loss {stats[0]:.4f} | lr {lr:.2e} | wd "
-                f"{wd:.3f} | {n / b:.0f} img/s{mfu} | feat std {stats[1]:.3f}", flush=True)
+                f"{wd:.3f} | {speed} | feat std {stats[1]:.3f}", flush=True)
             if log:
-                print(json.dumps(dict(step=step + 1, loss=stats[0], lr=lr, wd=wd, img_s=n / b,
+                print(json.dumps(dict(step=step + 1, loss=stats[0], lr=lr, wd=wd, img_s=img_s,
                                       feat_std=stats[1])), file=log, flush=True)
         if at_eval and r.rank == 0:
             save_checkpoint(r, step, loss, log)
-        tic = time.time()  # the next step's clock starts: waiting for its batch counts, eval not
-    return finish(r, log, seen, busy, t0)
+        meter.tic = time.time()  # the next step's clock starts: waiting for its batch counts
+    return finish(r, log, meter)
 
-def finish(r, log, seen, busy, t0):
+def finish(r, log, meter):
     """The last line: steps, time, images/s, peak GPU memory, best held-out loss."""
-
     if log:
         log.close()
     if r.world > 1:
         torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone goes on
-    rate = seen / busy if busy else float("nan")
+    rate = meter.total[0] / meter.total[1] if meter.total[1] else float("nan")
     mem = ""
     if r.device.type == "cuda":
         mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     best, last = (os.path.join(r.cfg["train"].out, f) for f in ("best.pt", "last.pt"))
-    say(f"[{r.kind}] done: {r.steps - r.start} steps in {time.time() - t0:.0f} s, {rate:.0f} img/s"
-        f" in training steps{mem}; best held-out loss {r.best:.4f}; wrote {best} and {last}")
+    say(f"[{r.kind}] done: {r.steps - r.start} steps in {time.time() - meter.t0:.0f} s, "
+        f"{rate:.0f} img/s in training steps{mem}; best held-out loss {r.best:.4f}; wrote {best} "
+        f"and {last}")
     return rate
 
 # --------------------------------------------------------------------------------------------------
@@ -1037,14 +856,7 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
 
 def check_probe(p):
     """The probe's flags and checkpoint (a stage-1 checkpoint's model is its teacher)."""
-
-    require(p.head in ("linear", "attentive") and p.layers >= 1,
-            f"--head {p.head} --layers {p.layers}: head linear | attentive, layers >= 1")
-    require(p.encoder in ("student", "teacher", "random", "pixels", "all"),
-            f"--encoder {p.encoder}: student | teacher | random | pixels | all")
-    require(min(p.seeds, p.epochs, p.patience, p.n_train, p.n_val, p.n_test) >= 1
-            and p.batch_size >= 2, "--seeds, --epochs, --patience and --n_* must be >= 1, "
-            "--batch_size >= 2")
+    fracs, kinds, sev = check_probe_flags(p, CORRUPTIONS)
     names = ["student", "teacher", "random", "pixels"] if p.encoder == "all" else [p.encoder]
     ck = None
     if p.encoder != "pixels":
@@ -1055,18 +867,6 @@ def check_probe(p):
         names = [n for n in names if n != "student"] if p.encoder == "all" else names
         require("student" not in names, f"{p.ckpt} is a teacher checkpoint: use --encoder teacher")
         ck = dict(ck, teacher={"config": ck["config"], "model": ck["model"]})
-    try:
-        fracs = [float(f) for f in p.fractions.split(",") if f]
-        sev = [float(e) for e in p.severity.split(",") if e]
-    except ValueError:
-        raise UserError(f"--fractions {p.fractions!r} / --severity {p.severity!r}: comma-separated"
-                        " numbers") from None
-    kinds = [c for c in p.corrupt.split(",") if c]
-    require(all(0 < f <= 100 for f in fracs) and all(0 < e <= 4 for e in sev)
-            and set(kinds) <= set(CORRUPTIONS), "--fractions in (0, 100], --severity in (0, 4] "
-            "(past 4.5 the contrast corruption inverts the image), --corrupt from "
-            "blur,contrast,speckle")
-    check_numbers(p)
     size = ck["config"]["data"]["img_size"] if ck else DataConfig.img_size
     return names, ck, size, fracs, kinds, sev
 
@@ -1112,36 +912,12 @@ def probe_scores(feats, labels, n_classes, p, fracs):
                 per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
                 corrupted=corrupted, few_shot=few_shot)
 
-def print_tables(results, classes, seeds):
-    """The probe's table; the few-shot and robustness tables when they were asked for."""
-    print(f"\n{'encoder':<9} {f'macro-F1 ({seeds} seeds)':<22} {'accuracy':<9} per-class F1")
-    for name, r in results.items():
-        pc = "  ".join(f"{c} {v:.3f}" for c, v in zip(classes, r["per_class_f1_mean"]))
-        print(f"{name:<9} {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f}{'':<9} "
-              f"{r['accuracy_mean']:.3f}     {pc}")
-    for key, title in (("few_shot", "few-shot macro-F1 (% of the training split)"), ("corrupted",
-                       "robustness macro-F1 (probe trained clean; corruption/severity)")):
-        cols = list(next(iter(results.values()))[key])
-        if not cols:
-            continue
-        clean = key == "corrupted"  # the robustness table starts with the clean score
-        head = " ".join(f"{c:>13}" for c in ["clean"] * clean + cols)
-        print(f"\n{title}\n{'encoder':<9} {head}")
-        for name, r in results.items():
-            cells = [(r["macro_f1_mean"], r["macro_f1_std"])] * clean + list(r[key].values())
-            print(f"{name:<9} " + " ".join(f"{f'{m:.3f}±{s:.3f}':>13}" for m, s in cells))
-
 def run_probe(p):
     """`probe`: every encoder, p.seeds seeds; tables and a JSON (show.py few-shot: the curve)."""
     names, ck, size, fracs, kinds, sev = check_probe(p)
     name = f"probe_{'data' if p.data else p.task}.json"
     out = p.out or os.path.join(os.path.dirname(p.ckpt) or ".", name)
-    try:  # where the results go is checked before the probe runs, not after
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: {e.strerror}") from None
-    require(os.access(os.path.dirname(out) or ".", os.W_OK) and not os.path.isdir(out),
-            f"--out {out}: not a writable file path")
+    writable_file(out)  # where the results go is checked before the probe runs, not after
     data, classes = probe_data(p, size)
     sizes = ", ".join(f"{s} {len(v)}" for s, v in data.items())
     print(f"[probe] {p.data or p.task}: {sizes} images; classes {classes}; {p.seeds} seeds")
@@ -1166,46 +942,18 @@ def run_probe(p):
 # left out: external teachers, the attentive probe, few-shot subsets, test-time corruptions. The
 # method above reads without them; they run only when a flag asks.
 
-TIMM_IGNORED = ("cls_token", "head.", "fc_norm.", "pre_logits.", "mask_token")  # not for a teacher
-
 def external_teacher(sd, path, img_size):
-    """A timm-style ViT state dict (e.g. an ultrasound foundation model) -> (ViT, its entry). Sums
-    an RGB patch embedding into one gray channel (= gray fed 3 times), drops the CLS token,
-    interpolates the positions to our grid; refuses anything else."""
-    for key in ("model", "state_dict", "teacher", "target_encoder"):  # common wrappers
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-    out = {}
-    for k, v in sd.items():
-        while k.split(".", 1)[0] in ("module", "encoder", "model", "backbone") and "." in k:
-            k = k.split(".", 1)[1]
-        if isinstance(v, torch.Tensor) and not k.startswith(TIMM_IGNORED):
-            out[k] = v
-    w, pos = out.get("patch_embed.proj.weight"), out.get("pos_embed")
-    require(w is not None and w.ndim == 4 and pos is not None, f"{path}: not a us_jepa checkpoint "
-            "('kind', 'config', 'model') nor a timm ViT state dict (patch_embed.proj.weight, "
-            "pos_embed)")
-    dim, p, n = w.shape[0], w.shape[-1], pos.shape[1]
-    name = next((n for n, (width, _) in ENCODERS.items() if width == dim), None)
-    require(name, f"{path}: width {dim} is not one of {[v[0] for v in ENCODERS.values()]}")
-    out["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
-    g0 = math.isqrt(n - 1) if math.isqrt(n) ** 2 != n else math.isqrt(n)
-    require(g0 * g0 in (n, n - 1), f"{path}: pos_embed holds {n} positions, not a square grid "
-            "(+ CLS)")
-    grid = img_size // p
-    pos = pos[:, n - g0 * g0:].reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # no CLS: (1, D, g0, g0)
-    pos = F.interpolate(pos.float(), (grid, grid), mode="bicubic", align_corners=False)
-    out["pos_embed"] = pos.flatten(2).transpose(1, 2)  # (1, D, grid, grid) -> (1, N, D)
-    depth = 1 + max((int(k.split(".")[1]) for k in out if k.startswith("blocks.")), default=-1)
+    """A timm-style ViT state dict (e.g. an ultrasound foundation model) -> (ViT, its entry); the
+    mapping (gray patch embedding, no CLS, positions on our grid) is us_util.timm_vit_state."""
+    widths = {width: name for name, (width, _) in ENCODERS.items()}
+    dim, depth, p, state = timm_vit_state(sd, path, img_size, widths)
     config = {"data": {"img_size": img_size},
-              "model": {"model": name, "depth": depth, "patch_size": p}}
-    want = set(ViT(img_size, p, name, depth).state_dict()) | {"pos_embed"}
-    missing, unexpected = sorted(want - set(out)), sorted(set(out) - want)
+              "model": {"model": widths[dim], "depth": depth, "patch_size": p}}
+    want = set(ViT(img_size, p, widths[dim], depth).state_dict()) | {"pos_embed"}
+    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
     require(not missing and not unexpected, f"{path}: does not match a timm ViT: {len(missing)} "
             f"missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
-    print(f"[pretrain] external teacher {path}: {name}, depth {depth}, patch {p}, {w.shape[1]}-"
-          f"channel patch embedding summed to 1, positions {g0}x{g0} -> {grid}x{grid}")
-    return build_encoder(config, out, path), {"config": config}
+    return build_encoder(config, state, path), {"config": config}
 
 class AttentiveProbe(nn.Module):
     """V-JEPA's attentive probe: a learnt query cross-attends to the patch tokens, then a Linear.
@@ -1261,8 +1009,9 @@ def corrupt(imgs, fans, kind, eps, seed=0):
 
 def load_teacher(path, img_size):
     """--teacher FILE: a checkpoint of ours or a timm-style state dict -> frozen ViT, its entry."""
-    ck = load_checkpoint(path, ours=False)
+    ck = load_file(path)
     if {"kind", "config", "model"} <= set(ck):  # this file's format
+        ck = load_checkpoint(path, ck)
         teacher = build_encoder(ck["config"], ck["model"], path)
     else:  # a state dict from elsewhere (timm names)
         teacher, ck = external_teacher(ck, path, img_size)
@@ -1297,30 +1046,20 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         return print("usage:" + __doc__.split("Commands:")[1].rstrip())
-    cmd = argv[0]
-    try:
-        require(cmd in SECTIONS, f"unknown command {cmd!r}; choose one of {', '.join(SECTIONS)}")
-        cfg = parse_config(cmd, argv[1:])
-        section = cfg.get("train") or cfg[cmd]
-        require(section.threads >= 0, f"--threads {section.threads}: must be >= 0")
-        if section.threads:
-            torch.set_num_threads(section.threads)
-        if cmd == "probe":
-            return run_probe(cfg["probe"])
-        check_config(cfg)
-        return train(cfg, "teacher") if cmd == "teacher" else run_pretrain(cfg)
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        print(f"us_jepa.py {cmd}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\nus_jepa.py {cmd}: interrupted; --resume continues from the last checkpoint",
-              file=sys.stderr)
-        sys.exit(130)
-    finally:  # torchrun: close the process group, or gloo's threads can abort the process at exit
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return run_command(f"us_jepa.py {argv[0]}", argv, functools.partial(command, *argv))
+
+def command(cmd, *flags):
+    """One command of the docstring's list, its flags parsed and checked before any work."""
+    require(cmd in SECTIONS, f"unknown command {cmd!r}; choose one of {', '.join(SECTIONS)}")
+    cfg = parse_config(cmd, flags)
+    section = cfg.get("train") or cfg[cmd]
+    require(section.threads >= 0, f"--threads {section.threads}: must be >= 0")
+    if section.threads:
+        torch.set_num_threads(section.threads)
+    if cmd == "probe":
+        return run_probe(cfg["probe"])
+    check_train_flags(*(cfg[s] for s in ("data", "model", "mask", "train")), ENCODERS)
+    return train(cfg, "teacher") if cmd == "teacher" else run_pretrain(cfg)
 
 if __name__ == "__main__":
     main()

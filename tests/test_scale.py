@@ -13,6 +13,7 @@ import torch
 
 import us_data as D
 import us_jepa as U
+import us_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_images", "160", "--batch_size", "16", "--depth", "2", "--pred_depth", "1", "--log_every", "2"]
@@ -155,7 +156,7 @@ def test_more_processes_than_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(U.UserError, match="process 1 has no GPU: 1 visible; lower --nproc_per_node"):
-        U.setup_distributed()
+        us_util.setup_distributed()
 
 
 def test_step_flops_counts_a_vit_b_step():
@@ -246,7 +247,7 @@ def test_resume_checks_the_teacher_is_the_same(tmp_path, capsys):
              "--out", str(tmp_path / "s")]
     U.main(flags)
     stored = U.load_checkpoint(str(tmp_path / "s" / "last.pt"))["teacher"]
-    assert stored["sha256"] == U.weights_sha256(stored["model"])
+    assert stored["sha256"] == us_util.weights_sha256(stored["model"])
     U.main(flags + ["--resume"])  # the same teacher: fine
     teacher.write_bytes((tmp_path / "t1" / "best.pt").read_bytes())  # another teacher, the same path
     capsys.readouterr()

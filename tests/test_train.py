@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import us_jepa as U
+import us_util
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def teacher_ckpt(tmp_path_factory):
 
 def configure(args):
     cfg = U.parse_config("pretrain", args)
-    U.check_config(cfg)
+    us_util.check_train_flags(*(cfg[s] for s in ("data", "model", "mask", "train")), U.ENCODERS)
     return cfg
 
 

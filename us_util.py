@@ -1,0 +1,375 @@
+"""Plumbing that is not the method, so that us_jepa.py reads as the method: flags generated from
+dataclasses and the checks every number passes, checkpoint files (atomic writes, one-line load
+errors, fingerprints), the lock on --out, processes and precision, the probe's tables. Like
+us_data.py it never imports us_jepa.py (MAE keeps the same kind of code in util/misc.py).
+
+  parse_flags     a command line -> {field: value} of dataclasses (one line on a bad flag)
+  check_numbers   every numeric field finite and in range, before any work
+  save_atomic     checkpoints written whole or not at all; load_file reads them weights_only
+  claim_out       --out made, writable, with room, locked against a second run
+  setup_distributed, precision, say, print_tables
+"""
+import argparse, difflib, fcntl, hashlib, math, os, shutil, sys, time
+from dataclasses import fields
+
+import torch
+
+from us_data import UserError
+
+
+def require(ok, message):
+    """Bad input: one line on stderr and exit code 2 (main), no traceback."""
+    if not ok:
+        raise UserError(message)
+
+# --------------------------------------------------------------------------------------------------
+# Flags: every dataclass field is a flag --name VALUE of the field's type.
+
+BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+         "off": False}
+
+
+def parse_value(name, default, text):
+    """A flag's text as its field's type; "0.15,0.25" -> (0.15, 0.25)."""
+    try:
+        if isinstance(default, bool):
+            return BOOLS[text.lower()]
+        if not isinstance(default, tuple):
+            return type(default)(text)
+        parts = tuple(float(p) for p in text.split(","))
+        if len(parts) == len(default):
+            return parts
+    except (KeyError, ValueError):
+        pass
+    raise UserError(f"--{name}: cannot read {text!r} as {type(default).__name__}"
+                    f" (example: {default})")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of argparse's usage block; a spelling hint
+        known = [o for a in self._actions for o in a.option_strings]
+        words = [w.split("=")[0] for w in message.split() if w.startswith("--")]
+        hint = [h for w in words if w not in known for h in difflib.get_close_matches(w, known, 1)]
+        raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else ""))
+
+
+def parse_flags(prog, classes, argv, presets=()):
+    """argv -> (preset, {field: value} for the flags given). Bare flags: --augment = --augment true,
+    --resume = --resume auto. No prefix matching: --ov is not --overwrite."""
+    p = _Parser(prog=prog, description=prog, allow_abbrev=False)
+    if presets:
+        p.add_argument("--preset", choices=list(presets), default=presets[0],
+                       help=" or ".join(presets))
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    every = [f for cls in classes for f in fields(cls)]
+    for f in every:
+        const = "auto" if f.name == "resume" else "true" if isinstance(f.default, bool) else None
+        bare = dict(nargs="?", const=const) if const else {}
+        p.add_argument(f"--{f.name}", metavar=type(f.default).__name__.upper(),
+                       help=f"default: {f.default}", **bare)
+    args = vars(p.parse_args(argv))
+    values = {f.name: parse_value(f.name, f.default, args[f.name]) for f in every
+              if args[f.name] is not None}
+    return args.get("preset"), values
+
+
+# The smallest value of each numeric flag that can work (every float must also be finite).
+LOWEST = dict(img_size=1, n_images=1, depth=1, patch_size=1, pred_depth=1, pred_dim=1, pred_heads=1,
+              n_targets=1, tau=1, steps=1, epochs=0, batch_size=1, lr=1e-12, start_lr=0, final_lr=0,
+              warmup=0, clip=0, beta=1e-12, pix_pool=1, log_every=1, eval_every=1, seed=0,
+              threads=0, workers=0, every=1, min_keep=1, seeds=1, patience=1, n_train=1, n_val=1,
+              n_test=1, layers=1, severity=0, max_bad=0, holdout=0)
+# The largest that make sense (2048 px: 16k tokens at patch 16); stored configs are held to them.
+HIGHEST = dict(img_size=2048, warmup=1, max_bad=1, depth=64, pred_depth=64, pred_dim=8192,
+               pred_heads=128, patch_size=64)
+
+
+def check_numbers(*sections):
+    """One pass over every numeric field before any work: the field's type, finite, in range."""
+    for sec in sections:
+        for f in fields(sec):
+            v = getattr(sec, f.name)
+            kind = (int, float) if type(f.default) is float else type(f.default)
+            require(isinstance(v, kind) and (kind is bool or not isinstance(v, bool)),
+                    f"--{f.name} {v!r}: not a {type(f.default).__name__}")
+            for x in v if isinstance(v, tuple) else (v,):
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                lo, hi = LOWEST.get(f.name, -math.inf), HIGHEST.get(f.name, math.inf)
+                require(math.isfinite(x) and lo <= x <= hi, f"--{f.name} {x:g}: must be a finite "
+                        f"number in [{lo:g}, {hi:g}]")
+
+
+def check_train_flags(d, m, k, t, encoders):
+    """Reject training settings (data, model, mask, train sections) that cannot work, each with
+    one line saying why."""
+    require(m.model in encoders, f"--model {m.model}: choose one of {list(encoders)}")
+    require(0 < m.patch_size <= d.img_size and d.img_size % m.patch_size == 0,
+            f"--img_size {d.img_size} must be a multiple of --patch_size {m.patch_size}")
+    require(m.pred_heads > 0 and m.pred_dim % m.pred_heads == 0, "--pred_dim must be divisible by "
+            "--pred_heads")
+    for name in ("tgt_scale", "ctx_scale", "tgt_aspect", "crop_scale", "wd", "betas"):
+        lo, hi = getattr(k, name, None) or getattr(d, name, None) or getattr(t, name)
+        bad = lo > hi or lo < 0 or (name.endswith("scale") and not 0 < lo <= hi <= 1)
+        require(not bad and (name != "tgt_aspect" or lo > 0), f"--{name} {lo},{hi}: need low <= "
+                "high in the valid range")
+    require(1 <= k.min_keep < (d.img_size // m.patch_size) ** 2 and k.n_targets >= 1,
+            "--min_keep must be in [1, patches per image) and --n_targets >= 1")
+    require(t.batch_size >= 1 and t.steps >= 1, "--batch_size and --steps must be >= 1")
+    require(d.every >= 1, f"--every {d.every}: must be >= 1 (1 = every frame of a DICOM cine)")
+    require(t.loss in ("smooth_l1", "l1", "l2"), "--loss: smooth_l1 | l1 | l2")
+    require(t.pix_pool >= 1 and m.patch_size % t.pix_pool == 0, "--pix_pool must divide "
+            "--patch_size")
+    require(t.resume in ("", "auto", "force"), f"--resume {t.resume}: auto (or a bare --resume) "
+            "| force")
+    require(t.workers >= 0, "--workers must be >= 0")
+    require(0 <= d.max_bad <= 1, "--max_bad must be in [0, 1]")
+    require(0 <= d.holdout < 0.5, "--holdout must be in [0, 0.5)")
+    require(all(0 <= b < 1 for b in t.betas), f"--betas {t.betas}: each in [0, 1)")
+    check_numbers(d, m, k, t)  # whatever the checks above do not name: finite and in range
+    require(not d.data or os.path.isdir(d.data), f"--data {d.data}: no such directory")
+
+
+def check_probe_flags(p, corruptions):
+    """The probe's flags -> few-shot percentages, corruption kinds, severities."""
+    require(p.head in ("linear", "attentive") and p.layers >= 1,
+            f"--head {p.head} --layers {p.layers}: head linear | attentive, layers >= 1")
+    require(p.encoder in ("student", "teacher", "random", "pixels", "all"),
+            f"--encoder {p.encoder}: student | teacher | random | pixels | all")
+    require(min(p.seeds, p.epochs, p.patience, p.n_train, p.n_val, p.n_test) >= 1
+            and p.batch_size >= 2, "--seeds, --epochs, --patience and --n_* must be >= 1, "
+            "--batch_size >= 2")
+    try:
+        fracs = [float(f) for f in p.fractions.split(",") if f]
+        sev = [float(e) for e in p.severity.split(",") if e]
+    except ValueError:
+        raise UserError(f"--fractions {p.fractions!r} / --severity {p.severity!r}: comma-separated"
+                        " numbers") from None
+    kinds = [c for c in p.corrupt.split(",") if c]
+    require(all(0 < f <= 100 for f in fracs) and all(0 < e <= 4 for e in sev)
+            and set(kinds) <= set(corruptions), "--fractions in (0, 100], --severity in (0, 4] "
+            "(past 4.5 the contrast corruption inverts the image), --corrupt from "
+            "blur,contrast,speckle")
+    check_numbers(p)
+    return fracs, kinds, sev
+
+
+def run_command(prog, argv, fn):
+    """fn() with bad input as one line and exit code 2 (--debug: the traceback), Ctrl-C as one
+    line and 130, and torchrun's process group closed (or gloo's threads can abort the exit)."""
+    try:
+        return fn()
+    except UserError as e:
+        if "--debug" in argv:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; --resume continues from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+# --------------------------------------------------------------------------------------------------
+# Files: checkpoints and results are written whole, never overwritten by surprise, read safely.
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # a full disk: no .tmp left behind, the previous checkpoint kept
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"{path}: cannot write ({e.strerror}); the previous one is kept") from None
+
+
+def unique_path(path):
+    """`path`, or path-1, path-2, ... : never overwrite a result."""
+    base, ext = os.path.splitext(path)
+    i = 1
+    while os.path.exists(path):
+        path, i = f"{base}-{i}{ext}", i + 1
+    return path
+
+
+def load_file(path):
+    """A dict saved by torch, loaded weights_only (no pickled code runs); a failure is one line."""
+    require(os.path.isfile(path), f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, pickled objects, not a torch file, ...
+        first = (str(e).splitlines() or [""])[0][:120]  # a 0-byte file's error has no text
+        raise UserError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
+    require(isinstance(ck, dict), f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', "
+            "'model')")
+    return ck
+
+
+def weights_sha256(state):
+    """A fingerprint of a state dict's names and bytes: --resume checks the teacher with it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+LOCKS = {}  # --out folder -> the open, flock'd lock file of this process
+
+
+def claim_out(out, need):
+    """--out made, writable, with `need` bytes free, and locked for this run: a second run into it
+    is refused (the lock is the kernel's: it goes when the process does, even on SIGKILL)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd = LOCKS.get(os.path.realpath(out)) or os.open(os.path.join(out, ".lock"),
+                                                         os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise UserError(f"--out {out}: another run (pid {pid}) is writing there") from None
+    LOCKS[os.path.realpath(out)] = fd  # held until this process ends (runs after it here may reuse)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    free = shutil.disk_usage(out).free
+    require(free > need, f"--out {out}: {free / 2**20:.0f} MB free, a checkpoint needs "
+            f"{need / 2**20:.0f} MB")
+    return fd
+
+
+def writable_file(out):
+    """A result file's folder made and writable (checked before the work, not after it)."""
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: {e.strerror}") from None
+    require(os.access(os.path.dirname(out) or ".", os.W_OK) and not os.path.isdir(out),
+            f"--out {out}: not a writable file path")
+
+# --------------------------------------------------------------------------------------------------
+# Processes and precision.
+
+def setup_distributed():
+    """torchrun's process per device (nccl on GPUs, gloo on CPU). -> rank, world size, device"""
+    world, rank, local = (int(os.environ.get(v, 0)) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    cuda = torch.cuda.is_available()
+    require(not cuda or local < torch.cuda.device_count(), f"process {local} has no GPU: "
+            f"{torch.cuda.device_count()} visible; lower --nproc_per_node")
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return rank, max(world, 1), device
+
+
+def say(*args, **kwargs):  # print, in one process (rank 0) only
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, dense
+
+
+def peak_flops(device):
+    """The card's dense bf16 peak (MFU's denominator), 0 when unknown (no MFU is printed)."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return next((v for name, v in PEAK_BF16.items() if name in gpu), 0)
+
+
+class Meter:
+    """Training speed over the steps since the last log line: images/s, and MFU when the card's
+    peak is known. Only training steps are timed (waiting for a batch counts, evaluation not)."""
+    def __init__(self, peak):
+        self.peak, self.t0, self.tic = peak, time.time(), time.time()
+        self.total = [0, 0.0, 0.0]  # images, seconds, FLOPs
+        self.last = [0, 0.0, 0.0]  # the same at the last log line
+
+    def add(self, images, flops):  # after a step
+        self.total = [a + b for a, b in zip(self.total, (images, time.time() - self.tic, flops))]
+
+    def window(self):
+        """-> images/s since the last call, its text (with MFU)"""
+        n, s, f = [a - b for a, b in zip(self.total, self.last)]
+        self.last = list(self.total)
+        mfu = f" | MFU {f / s / self.peak:.1%}" if self.peak else ""
+        return n / s, f"{n / s:.0f} img/s{mfu}"
+
+
+def precision(device, bf16):
+    """bf16 autocast on CUDA, else float32 (TF32 matmuls on sm80+). -> autocast, its description"""
+    cuda = device.type == "cuda"
+    tf32 = cuda and not bf16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    if tf32:
+        torch.set_float32_matmul_precision("high")
+    said = "bf16 autocast" if cuda and bf16 else "float32, TF32 matmuls" if tf32 else "float32"
+    return torch.autocast("cuda", torch.bfloat16, enabled=cuda and bf16), said
+
+# --------------------------------------------------------------------------------------------------
+# The probe's tables.
+
+def print_tables(results, classes, seeds):
+    """The probe's table; the few-shot and robustness tables when they were asked for."""
+    print(f"\n{'encoder':<9} {f'macro-F1 ({seeds} seeds)':<22} {'accuracy':<9} per-class F1")
+    for name, r in results.items():
+        pc = "  ".join(f"{c} {v:.3f}" for c, v in zip(classes, r["per_class_f1_mean"]))
+        print(f"{name:<9} {r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f}{'':<9} "
+              f"{r['accuracy_mean']:.3f}     {pc}")
+    for key, title in (("few_shot", "few-shot macro-F1 (% of the training split)"), ("corrupted",
+                       "robustness macro-F1 (probe trained clean; corruption/severity)")):
+        cols = list(next(iter(results.values()))[key])
+        if not cols:
+            continue
+        clean = key == "corrupted"  # the robustness table starts with the clean score
+        head = " ".join(f"{c:>13}" for c in ["clean"] * clean + cols)
+        print(f"\n{title}\n{'encoder':<9} {head}")
+        for name, r in results.items():
+            cells = [(r["macro_f1_mean"], r["macro_f1_std"])] * clean + list(r[key].values())
+            print(f"{name:<9} " + " ".join(f"{f'{m:.3f}±{s:.3f}':>13}" for m, s in cells))
+
+# --------------------------------------------------------------------------------------------------
+# Weights from elsewhere: a timm-style ViT state dict in our layout.
+
+TIMM_IGNORED = ("cls_token", "head.", "fc_norm.", "pre_logits.", "mask_token")  # not for a teacher
+
+
+def timm_vit_state(sd, path, img_size, widths):
+    """A timm-style ViT state dict (e.g. an ultrasound foundation model) -> (width, depth, patch,
+    state in our layout). Unwraps common wrappers and prefixes, sums an RGB patch embedding into
+    one gray channel (= gray fed 3 times), drops the CLS token and interpolates the learnt
+    positions to our grid; refuses anything else."""
+    for key in ("model", "state_dict", "teacher", "target_encoder"):  # common wrappers
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    out = {}
+    for k, v in sd.items():
+        while k.split(".", 1)[0] in ("module", "encoder", "model", "backbone") and "." in k:
+            k = k.split(".", 1)[1]
+        if isinstance(v, torch.Tensor) and not k.startswith(TIMM_IGNORED):
+            out[k] = v
+    w, pos = out.get("patch_embed.proj.weight"), out.get("pos_embed")
+    require(w is not None and w.ndim == 4 and pos is not None, f"{path}: not a us_jepa checkpoint "
+            "('kind', 'config', 'model') nor a timm ViT state dict (patch_embed.proj.weight, "
+            "pos_embed)")
+    dim, p, n = w.shape[0], w.shape[-1], pos.shape[1]
+    require(dim in widths, f"{path}: width {dim} is not one of {list(widths)}")
+    out["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # (D, C, p, p) -> (D, 1, p, p)
+    g0 = math.isqrt(n - 1) if math.isqrt(n) ** 2 != n else math.isqrt(n)
+    require(g0 * g0 in (n, n - 1), f"{path}: pos_embed holds {n} positions, not a square grid "
+            "(+ CLS)")
+    grid = img_size // p
+    pos = pos[:, n - g0 * g0:].reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # no CLS: (1, D, g0, g0)
+    pos = torch.nn.functional.interpolate(pos.float(), (grid, grid), mode="bicubic",
+                                          align_corners=False)
+    out["pos_embed"] = pos.flatten(2).transpose(1, 2)  # (1, D, grid, grid) -> (1, N, D)
+    depth = 1 + max((int(k.split(".")[1]) for k in out if k.startswith("blocks.")), default=-1)
+    print(f"[pretrain] external teacher {path}: width {dim}, depth {depth}, patch {p}, "
+          f"{w.shape[1]}-channel patch embedding summed to 1, positions {g0}x{g0} -> {grid}x{grid}")
+    return dim, depth, p, out
