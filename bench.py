@@ -113,7 +113,7 @@ def bench_ops(device, dtypes, sizes, fused, reps, rows):
 def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, compiled=False):
     """One SALT pretrain step. name = 'torch' (references) or a kernels backend; compiled: torch.compile the
     student, predictor and teacher (the custom ops stay inside the graph). -> images/s, peak MB, MFU (CUDA)."""
-    gather, loss_fn = U.select_kernels(name, device)
+    gather, loss_fn = U.select_kernels(name, device, U.REFERENCES)
     torch.manual_seed(0)
     enc = U.ViT(img_size, 16, model, depth=depth, gather=gather).to(device)
     teacher = U.ViT(img_size, 16, model, depth=depth).to(device).eval().requires_grad_(False)
@@ -137,10 +137,7 @@ def bench_step(device, name, model, img_size, depth, batch, pred, dtype, reps, c
     ms = timeit(step, device, reps)
     mb = peak_mb(step, device)
     ctx, tgt = masks[0]
-    cfg = U.parse_config("pretrain", ["--model", model, "--img_size", str(img_size), "--depth", str(depth),
-                                      "--pred_depth", str(pred[0]), "--pred_dim", str(pred[1])])
-    flops = U.step_flops(cfg["data"], cfg["model"], teacher, "student", batch, ctx.shape[1],
-                         tgt.shape[2], tgt.shape[0])
+    flops = us_util.step_flops(enc, head, teacher, batch, ctx.shape[1], tgt.shape[2], tgt.shape[0])
     peak = us_util.peak_flops(torch.device(device))
     return batch / ms * 1e3, mb, flops / (ms / 1e3) / peak if peak else float("nan")
 

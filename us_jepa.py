@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from us_data import UserError, Images, probe_data
 from us_util import (require, parse_flags, check_numbers, check_train_flags, check_probe_flags,
-                     save_atomic, unique_path, load_file, weights_sha256, claim_out, writable_file,
+                     save_atomic, load_file, weights_sha256, claim_out, writable_file,
                      setup_distributed, say, peak_flops, Meter, precision, print_tables,
-                     timm_vit_state, run_command)
+                     timm_vit_state, run_command, run_folder, clear_run, resumable,
+                     select_kernels, step_flops, mean_std, finish, save_json, process_mean)
 
 # --------------------------------------------------------------------------------------------------
 # Config: small dataclasses; the command line is generated from them; stored in every checkpoint.
@@ -393,6 +394,8 @@ def salt_loss(pred, feats, tgt_idx, kind="smooth_l1", beta=1.0):
         return F.smooth_l1_loss(pred.float(), target, beta=beta)
     return (F.l1_loss if kind == "l1" else F.mse_loss)(pred.float(), target)
 
+REFERENCES = (apply_masks, salt_loss)  # --kernels torch; every fused op of kernels/ must match them
+
 def patchify(img, p):
     """(B, 1, H, W) -> (B, N, p*p) pixels of each patch in row-major patch order."""
     return F.unfold(img, p, stride=p).transpose(1, 2)  # (B, p*p, N) -> (B, N, p*p)
@@ -463,17 +466,13 @@ def load_checkpoint(path, ck=None):
             "'kind', 'config', 'model')")
     try:  # a stored config that cannot describe a ViT is refused before anything is allocated
         for config in (ck["config"], ck.get("teacher", {}).get("config")):
-            check_stored(config)
+            if config is not None:  # the types and ranges of the flags that made it
+                model = ModelConfig(**config["model"])
+                check_numbers(model, DataConfig(img_size=config["data"]["img_size"]))
+                require(model.model in ENCODERS, f"--model {model.model}: unknown width")
     except (TypeError, KeyError, AttributeError, UserError) as e:
         raise UserError(f"{path}: its stored config cannot describe a ViT ({e})") from None
     return ck
-
-def check_stored(config):
-    """A checkpoint's model config (or None): the types and ranges of the flags that made it."""
-    if config is not None:
-        model = ModelConfig(**config["model"])
-        check_numbers(model, DataConfig(img_size=config["data"]["img_size"]))
-        require(model.model in ENCODERS, f"--model {model.model}: unknown width")
 
 def build_encoder(config, state=None, path="checkpoint"):
     """The ViT a checkpoint's config describes, with its weights."""
@@ -492,27 +491,6 @@ def build_encoder(config, state=None, path="checkpoint"):
 
 def teacher_weights(vit):  # what a checkpoint stores of a teacher
     return {**vit.state_dict(), "pos_embed": vit.pos_embed}
-
-def select_kernels(name, device):
-    """--kernels -> (gather, salt_loss): fused ops of kernels/, or the references above."""
-    if name == "torch":
-        return apply_masks, salt_loss
-    import kernels
-    try:
-        ops = kernels.select(name, device)  # auto: the fastest that runs here (None: none), said
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
-    return (ops.masked_gather, ops.salt_loss) if ops else (apply_masks, salt_loss)
-
-def step_flops(d, m, teacher, kind, B, Kc, Kt, M):
-    """Matmul FLOPs of a training step (MFU's numerator): per block 24 d^2 per token (qkv, proj,
-    MLP) and 4 T^2 d per sequence (attention), x3 for forward + backward, x1 for the frozen
-    teacher. Embeddings and the small heads are left out (< 2 % at ViT-B)."""
-    def blocks(dim, depth, T, seqs):
-        return seqs * depth * (24 * dim * dim * T + 4 * T * T * dim)
-    dim, N = ENCODERS[m.model][0], (d.img_size // m.patch_size) ** 2
-    f = 3 * blocks(dim, m.depth, Kc, B) + 3 * blocks(m.pred_dim, m.pred_depth, Kc + Kt, M * B)
-    return f + (blocks(teacher.dim, len(teacher.blocks), N, B) if kind == "student" else 0)
 
 def build_models(cfg, kind, teacher, gather):
     """The encoder trained here and its predictor (stage 1: pixel decoder), seeded. teacher='ema':
@@ -564,11 +542,8 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
     rank, world, device = setup_distributed()
     require(t.batch_size % world == 0, f"--batch_size {t.batch_size} must split evenly over "
             f"{world} processes")
-    exists = any(os.path.exists(os.path.join(t.out, f)) for f in ("last.pt", "best.pt"))
-    require(exists or not t.resume, f"--resume: no checkpoint in {t.out} to continue")
-    require(not exists or t.resume or t.overwrite, f"{t.out} already holds a run: --resume "
-            "continues it, --overwrite starts it over, --out DIR starts a new one")
-    gather, salt = select_kernels(t.kernels, device.type)
+    exists = run_folder(t.out, t.resume, t.overwrite)
+    gather, salt = select_kernels(t.kernels, device.type, REFERENCES)
     ema = isinstance(teacher, str)
     models = build_models(cfg, kind, teacher, gather)
     meta = {"config": {"data": asdict(d), "model": asdict(m)}} if ema else None
@@ -599,10 +574,11 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
         f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train"
         f" / {len(images) - n_train} held-out images ({d.data or 'synthetic'}); {r.steps} steps of "
         f"{t.batch_size} on {world} x {device.type} ({said})")
+    if n_train == len(images):
+        say(f"[{kind}] no held-out images (--holdout {d.holdout} of {len(images)}): best.pt is "
+            "simply the last checkpoint")
     if exists and not t.resume and rank == 0:  # --overwrite, every check passed: the old run goes
-        for f in ("last.pt", "best.pt", "log.jsonl"):
-            if os.path.exists(os.path.join(t.out, f)):
-                os.remove(os.path.join(t.out, f))
+        clear_run(t.out)
     return r
 
 def config_dict(cfg):  # a training config's sections as plain dicts: printed, in every checkpoint
@@ -615,21 +591,10 @@ SAFE_TO_CHANGE = ("out", "resume", "overwrite", "log_every", "eval_every", "work
 def resume(r):
     """--resume: the newest readable checkpoint in --out (its step is the whole state of the data
     and every draw). Other flags (but SAFE_TO_CHANGE) or teacher: refused but by --resume force."""
-
     t, (encoder, head, teacher) = r.cfg["train"], r.models
-    path, ck = newest_checkpoint(t.out)
-    require(ck["kind"] == r.kind, f"{path} is a {ck['kind']} run, not a {r.kind} run")
-    was, now = json.loads(json.dumps(ck["config"])), json.loads(json.dumps(config_dict(r.cfg)))
-    r.changes = {f"--{key}": [value, now[s].get(key)] for s in was for key, value in was[s].items()
-                 if key not in SAFE_TO_CHANGE and now[s].get(key) != value}
-    sha = (r.teacher_meta or {}).get("sha256")
-    if sha and (ck["teacher"].get("sha256") or weights_sha256(ck["teacher"]["model"])) != sha:
-        r.changes["teacher weights (sha256)"] = [ck["teacher"].get("sha256", "older"), sha]
-    said = ", ".join(f"{name} {new} (was {old})" for name, (old, new) in r.changes.items())
-    require(not r.changes or t.resume == "force", f"--resume: this run differs from the one in "
-            f"{path}: {said}; use its flags, or --resume force to continue anyway")
-    if r.changes:
-        print(f"warning: --resume force: continuing {path} with {said}", file=sys.stderr)
+    sha = (r.teacher_meta or {}).get("sha256")  # the frozen teacher's fingerprint: must match
+    path, ck, r.changes = resumable(t.out, r.kind, config_dict(r.cfg), SAFE_TO_CHANGE, sha,
+                                    t.resume == "force", load_checkpoint)
     encoder.load_state_dict(ck["model"])
     head.load_state_dict(ck["head"])
     r.opt.load_state_dict(ck["opt"])
@@ -638,17 +603,6 @@ def resume(r):
                                  if k != "pos_embed"})
     r.start, r.best = ck["step"], ck["best"]
     say(f"[{r.kind}] resuming {path} at step {r.start}")
-
-def newest_checkpoint(out):
-    """last.pt, or best.pt when last.pt does not load (a corrupt one is skipped, loudly); last.pt is
-    never older: best.pt is written only at steps that also write last.pt."""
-    for path in (os.path.join(out, "last.pt"), os.path.join(out, "best.pt")):
-        try:
-            if os.path.exists(path):
-                return path, load_checkpoint(path)
-        except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-    raise UserError(f"--resume: no readable checkpoint in {out}")
 
 def update(opt, params, clip, loss, step, bad):
     """Clip, then step, unless this or an earlier step's gradient norm was NaN/Inf (as a NaN/Inf
@@ -682,10 +636,7 @@ def stop_if_nonfinite(bad, step, last, r=None):
 def log_stats(loss, z, world):
     """[loss, feat std] averaged over processes; feat std ~ 0 across images would be collapse."""
     stats = torch.stack([loss.detach().float(), z.detach().float().mean(1).std(0).mean()])
-    if world > 1:
-        torch.distributed.all_reduce(stats)
-        stats /= world  # the mean over processes
-    return stats.tolist()
+    return process_mean(stats, world)
 
 @torch.no_grad()
 def evaluate(r):
@@ -706,10 +657,13 @@ def evaluate(r):
 def save_checkpoint(r, step, loss, log):
     """Rank 0, at eval steps: the held-out loss, last.pt, and best.pt when it is the lowest yet."""
     (encoder, head, teacher), out = r.models, r.cfg["train"].out
-    held = evaluate(r) if r.n_train < len(r.images) else loss.item()
-    log.write(json.dumps(dict(step=step + 1, heldout_loss=round(held, 5))) + "\n")
+    heldout = r.n_train < len(r.images)  # none: best.pt is the last step (said at the start)
+    held = evaluate(r) if heldout else loss.item()  # without them: this step's training loss
+    what, key = ("held-out", "heldout_loss") if heldout else ("training", "train_loss")
+    log.write(json.dumps({"step": step + 1, key: round(held, 5)}) + "\n")
     log.flush()
-    is_best, r.best = held < r.best, min(r.best, held)
+    is_best = held < r.best or not heldout
+    r.best = held if is_best else r.best
     ck = {"kind": r.kind, "config": config_dict(r.cfg), "step": step + 1, "best": r.best,
           "model": encoder.state_dict(), "head": head.state_dict(), "opt": r.opt.state_dict()}
     if teacher is not None:  # the teacher travels with its student, so `probe` can compare them
@@ -717,14 +671,13 @@ def save_checkpoint(r, step, loss, log):
     if is_best:  # best.pt first: a kill between the two renames leaves last.pt one step older,
         save_atomic(ck, os.path.join(out, "best.pt"))  # which --resume repeats; never a stale best
     save_atomic(ck, os.path.join(out, "last.pt"))
-    say(f"[{r.kind}] step {step + 1}: held-out loss {held:.4f}{' (best)' * is_best}", flush=True)
+    say(f"[{r.kind}] step {step + 1}: {what} loss {held:.4f}{' (best)' * is_best}", flush=True)
 
 def train(cfg, kind, teacher=None, teacher_ck=None):
     """Stage 1 (kind='teacher') or 2 ('student') -> --out/{last,best}.pt, log.jsonl. teacher='ema':
     I-JEPA's EMA target, the ablation US-JEPA lacks."""
     r = build_run(cfg, kind, teacher, teacher_ck)
-    d, m, t = cfg["data"], cfg["model"], cfg["train"]
-    (encoder, head, teacher), opt = r.models, r.opt
+    t, (encoder, head, teacher), opt = cfg["train"], r.models, r.opt
     ddp = torch.nn.parallel.DistributedDataParallel  # averages gradients over the processes
     enc, hd, tch = [ddp(x) if r.world > 1 else x for x in (encoder, head)] + [teacher]
     if t.compile:
@@ -756,8 +709,8 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
         if at_log or at_eval:  # the only steps that wait for the device
             stop_if_nonfinite(bad, step, os.path.join(t.out, "last.pt"), r)
         stats = log_stats(loss, z, r.world) if at_log else None
-        M, _, Kt = tgt.shape
-        meter.add(t.batch_size, step_flops(d, m, teacher, kind, t.batch_size, ctx.shape[1], Kt, M))
+        B, Kc, (M, _, Kt) = t.batch_size, ctx.shape[1], tgt.shape
+        meter.add(B, step_flops(encoder, head, teacher, B, Kc, Kt, M))
         if at_log:
             img_s, speed = meter.window()
             say(f"[{kind}] step {step + 1}/{r.steps} | loss {stats[0]:.4f} | lr {lr:.2e} | wd "
@@ -769,22 +722,6 @@ def train(cfg, kind, teacher=None, teacher_ck=None):
             save_checkpoint(r, step, loss, log)
         meter.tic = time.time()  # the next step's clock starts: waiting for its batch counts
     return finish(r, log, meter)
-
-def finish(r, log, meter):
-    """The last line: steps, time, images/s, peak GPU memory, best held-out loss."""
-    if log:
-        log.close()
-    if r.world > 1:
-        torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone goes on
-    rate = meter.total[0] / meter.total[1] if meter.total[1] else float("nan")
-    mem = ""
-    if r.device.type == "cuda":
-        mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-    best, last = (os.path.join(r.cfg["train"].out, f) for f in ("best.pt", "last.pt"))
-    say(f"[{r.kind}] done: {r.steps - r.start} steps in {time.time() - meter.t0:.0f} s, "
-        f"{rate:.0f} img/s in training steps{mem}; best held-out loss {r.best:.4f}; wrote {best} "
-        f"and {last}")
-    return rate
 
 # --------------------------------------------------------------------------------------------------
 # Linear probe (paper section 4.2): frozen encoder, mean of the last layer's patch tokens (no CLS;
@@ -931,9 +868,7 @@ def run_probe(p):
         results[name] = dict(probe_scores(feats, labels, len(classes), p, fracs),
                              seconds=round(time.time() - tic, 1))
     print_tables(results, classes, p.seeds)
-    out = unique_path(out)
-    with open(out, "w") as f:
-        json.dump(dict(config=asdict(p), classes=classes, results=results), f, indent=1)
+    out = save_json(dict(config=asdict(p), classes=classes, results=results), out)
     print(f"\nwrote {out}  (chance macro-F1 ~ {1 / len(classes):.3f} for balanced classes)")
     return results
 
@@ -970,9 +905,6 @@ class AttentiveProbe(nn.Module):
         kv, q = self.norm1(tokens), self.query.expand(len(tokens), -1, -1)  # q: (B, 1, D)
         x = q + self.attn(q, kv, kv)[0]
         return self.head((x + self.mlp(self.norm2(x)))[:, 0])
-
-def mean_std(v):
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
 def stratified(labels, percent, seed):
     """Indices of `percent` % of each class (at least one image per class), drawn with the seed."""
@@ -1018,9 +950,8 @@ def load_teacher(path, img_size):
     return teacher.eval().requires_grad_(False), ck  # frozen for good: never trained nor EMA'd
 
 def teacher_config(cfg):
-    """The stage-1 run `pretrain` starts when the default --teacher is missing: the preset's
-    teacher, with this run's data, masks, encoder shape and machine flags. Half the student's
-    budget: SALT finds brief teachers suffice and compute is best spent on the student."""
+    """The stage-1 run `pretrain` starts when the default --teacher is missing: the preset's teacher
+    with this run's data, masks, encoder shape and machine flags, for half the student's budget."""
     m, t = cfg["model"], cfg["train"]
     same = ("seed", "threads", "batch_size", "workers", "bf16", "compile", "kernels")
     tcfg = make_config("teacher", cfg["preset"], model=m.model, depth=m.depth,

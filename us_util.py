@@ -9,9 +9,10 @@ us_data.py it never imports us_jepa.py (MAE keeps the same kind of code in util/
   claim_out       --out made, writable, with room, locked against a second run
   setup_distributed, precision, say, print_tables
 """
-import argparse, difflib, fcntl, hashlib, math, os, shutil, sys, time
+import argparse, difflib, fcntl, hashlib, json, math, os, shutil, sys, time
 from dataclasses import fields
 
+import numpy as np
 import torch
 
 from us_data import UserError
@@ -244,6 +245,59 @@ def claim_out(out, need):
     return fd
 
 
+def run_folder(out, resume, overwrite):
+    """Does --out hold a run? Refuses --resume without one, and a run there without --resume or
+    --overwrite (nothing a user made is replaced by surprise)."""
+    exists = any(os.path.exists(os.path.join(out, f)) for f in ("last.pt", "best.pt"))
+    require(exists or not resume, f"--resume: no checkpoint in {out} to continue")
+    require(not exists or resume or overwrite, f"{out} already holds a run: --resume "
+            "continues it, --overwrite starts it over, --out DIR starts a new one")
+    return exists
+
+
+def clear_run(out):
+    """--overwrite, once every check passed: the old run's files go."""
+    for f in ("last.pt", "best.pt", "log.jsonl"):
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+
+
+def newest_checkpoint(out, load):
+    """last.pt, or best.pt when last.pt does not load (a corrupt one is skipped, loudly); last.pt is
+    never older: best.pt is written only at steps that also write last.pt. -> path, load(path)"""
+    for path in (os.path.join(out, "last.pt"), os.path.join(out, "best.pt")):
+        try:
+            if os.path.exists(path):
+                return path, load(path)
+        except UserError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+    raise UserError(f"--resume: no readable checkpoint in {out}")
+
+
+def differences(was, now, keep=()):
+    """Two configs {section: {flag: value}} -> {--flag: [was, now]} for flags not in `keep`."""
+    was, now = json.loads(json.dumps(was)), json.loads(json.dumps(now))  # tuples -> lists
+    return {f"--{key}": [value, now[s].get(key)] for s in was for key, value in was[s].items()
+            if key not in keep and now[s].get(key) != value}
+
+
+def resumable(out, kind, config, keep, sha, force, load):
+    """--resume: the newest readable checkpoint in `out`, of this kind, and what differs from it:
+    the flags (but those in `keep`) and the frozen teacher's fingerprint `sha`; refused unless
+    `force` (then said as a warning). -> path, checkpoint, {what: [was, now]}"""
+    path, ck = newest_checkpoint(out, load)
+    require(ck["kind"] == kind, f"{path} is a {ck['kind']} run, not a {kind} run")
+    changes = differences(ck["config"], config, keep)
+    if sha and (ck["teacher"].get("sha256") or weights_sha256(ck["teacher"]["model"])) != sha:
+        changes["teacher weights (sha256)"] = [ck["teacher"].get("sha256", "older"), sha]
+    said = ", ".join(f"{name} {new} (was {old})" for name, (old, new) in changes.items())
+    require(not changes or force, f"--resume: this run differs from the one in {path}: {said}; "
+            "use its flags, or --resume force to continue anyway")
+    if changes:
+        print(f"warning: --resume force: continuing {path} with {said}", file=sys.stderr)
+    return path, ck, changes
+
+
 def writable_file(out):
     """A result file's folder made and writable (checked before the work, not after it)."""
     try:
@@ -255,6 +309,19 @@ def writable_file(out):
 
 # --------------------------------------------------------------------------------------------------
 # Processes and precision.
+
+def select_kernels(name, device, references):
+    """--kernels -> (gather, salt_loss): the fused ops of kernels/ (auto: the fastest that runs
+    here, said once), or `references` (--kernels torch, or auto when none runs)."""
+    if name == "torch":
+        return references
+    import kernels
+    try:
+        ops = kernels.select(name, device)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    return (ops.masked_gather, ops.salt_loss) if ops else references
+
 
 def setup_distributed():
     """torchrun's process per device (nccl on GPUs, gloo on CPU). -> rank, world size, device"""
@@ -275,6 +342,14 @@ def say(*args, **kwargs):  # print, in one process (rank 0) only
         print(*args, **kwargs)
 
 
+def process_mean(values, world):
+    """A 1-D tensor averaged over the processes (as it is with one). -> list of floats"""
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values /= world
+    return values.tolist()
+
+
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # FLOP/s, dense
 
 
@@ -282,6 +357,18 @@ def peak_flops(device):
     """The card's dense bf16 peak (MFU's denominator), 0 when unknown (no MFU is printed)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return next((v for name, v in PEAK_BF16.items() if name in gpu), 0)
+
+
+def step_flops(encoder, head, teacher, B, Kc, Kt, M):
+    """Matmul FLOPs of a training step (MFU's numerator), read from the models: per block 24 d^2 per
+    token (qkv, proj, MLP) and 4 T^2 d per sequence (attention), x3 for forward + backward, x1 for
+    the frozen teacher (None in stage 1). Embeddings and the small heads are left out (< 2 % at
+    ViT-B). B images, Kc context and Kt target tokens, M target blocks."""
+    def blocks(net, T, seqs):
+        dim = net.blocks[0].norm1.normalized_shape[0]
+        return seqs * len(net.blocks) * (24 * dim * dim * T + 4 * T * T * dim)
+    f = 3 * blocks(encoder, Kc, B) + 3 * blocks(head, Kc + Kt, M * B)
+    return f + (blocks(teacher, teacher.grid ** 2, B) if teacher is not None else 0)
 
 
 class Meter:
@@ -303,6 +390,31 @@ class Meter:
         return n / s, f"{n / s:.0f} img/s{mfu}"
 
 
+def finish(r, log, meter):
+    """The run's last line: steps, time, images/s, peak GPU memory, best held-out loss. -> img/s"""
+    if log:
+        log.close()
+    if r.world > 1:
+        torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone goes on
+    rate = meter.total[0] / meter.total[1] if meter.total[1] else float("nan")
+    mem = ""
+    if r.device.type == "cuda":
+        mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    best, last = (os.path.join(r.cfg["train"].out, f) for f in ("best.pt", "last.pt"))
+    say(f"[{r.kind}] done: {r.steps - r.start} steps in {time.time() - meter.t0:.0f} s, "
+        f"{rate:.0f} img/s in training steps{mem}; best held-out loss {r.best:.4f}; wrote {best} "
+        f"and {last}")
+    return rate
+
+
+def save_json(obj, path):
+    """obj as JSON at `path`, or at path-1, path-2, ... when it exists. -> the path written"""
+    path = unique_path(path)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    return path
+
+
 def precision(device, bf16):
     """bf16 autocast on CUDA, else float32 (TF32 matmuls on sm80+). -> autocast, its description"""
     cuda = device.type == "cuda"
@@ -313,7 +425,11 @@ def precision(device, bf16):
     return torch.autocast("cuda", torch.bfloat16, enabled=cuda and bf16), said
 
 # --------------------------------------------------------------------------------------------------
-# The probe's tables.
+# The probe's numbers and tables.
+
+def mean_std(v):
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
 
 def print_tables(results, classes, seeds):
     """The probe's table; the few-shot and robustness tables when they were asked for."""

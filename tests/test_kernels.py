@@ -313,7 +313,7 @@ def test_pretrain_step_same_loss_with_each_backend(backend):
     if kernels.why_not(backend, "cpu"): pytest.skip(kernels.why_not(backend, "cpu"))
     def step(name):
         torch.manual_seed(0)
-        gather, loss_fn = U.select_kernels(name, "cpu")
+        gather, loss_fn = U.select_kernels(name, "cpu", U.REFERENCES)
         enc, teacher = U.ViT(48, 16, "vit_tiny", depth=1, gather=gather), U.ViT(48, 16, "vit_tiny", depth=1).eval()
         head = U.Predictor(3, 192, 32, 1, 2, 192, gather)
         img = torch.rand(4, 1, 48, 48)
@@ -344,7 +344,7 @@ def test_compiled_pretrain_step_with_fused_ops():
 
     img = torch.rand(4, 1, 48, 48)
     ctx, tgt = torch.tensor([[0, 1, 2, 4]] * 4), torch.tensor([[[5, 6]] * 4, [[6, 8]] * 4])
-    gather, loss_fn = U.select_kernels("cpp", "cpu")
+    gather, loss_fn = U.select_kernels("cpp", "cpu", U.REFERENCES)
     a, b = tiny(gather), tiny(gather)
     eager = make_step(*a, loss_fn)(img, ctx, tgt)
     compiled = torch.compile(make_step(*b, loss_fn), fullgraph=True)(img, ctx, tgt)
@@ -359,10 +359,10 @@ def test_auto_falls_back_and_explicit_backend_fails_when_the_extension_does_not_
     monkeypatch.setattr(ext, "_state", {"ok": False, "error": "the C++ extension did not build (no compiler)"})
     ops, line = kernels.auto("cpu")
     assert ops is None and line.startswith("kernels: torch reference") and "no compiler" in line
-    assert U.select_kernels("auto", "cpu") == (U.apply_masks, U.salt_loss)
+    assert U.select_kernels("auto", "cpu", U.REFERENCES) == (U.apply_masks, U.salt_loss)
     assert "torch reference" in capsys.readouterr().out
     with pytest.raises(U.UserError, match="no compiler"):
-        U.select_kernels("cpp", "cpu")
+        U.select_kernels("cpp", "cpu", U.REFERENCES)
 
 
 TRITON_AOT = """

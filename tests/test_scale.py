@@ -161,10 +161,11 @@ def test_more_processes_than_gpus(monkeypatch):
 
 def test_step_flops_counts_a_vit_b_step():
     """The MFU numerator at the paper's shapes, checked by hand: 24 d^2 T + 4 T^2 d per block and sequence."""
-    cfg = U.parse_config("pretrain", ["--preset", "paper"])
-    d, m = cfg["data"], cfg["model"]
     teacher = U.ViT(224, 16, "vit_base", depth=12)
-    f = U.step_flops(d, m, teacher, "student", 128, 100, 20, 4)
+    student = U.ViT(224, 16, "vit_base", depth=12)
+    head = U.Predictor(14, 768, 384, 12, 12, 768)  # the paper preset's predictor
+    f = us_util.step_flops(student, head, teacher, 128, 100, 20, 4)
+    assert us_util.step_flops(student, head, None, 128, 100, 20, 4) < f  # stage 1: no teacher
     blk = lambda dim, T: 24 * dim * dim * T + 4 * T * T * dim  # noqa: E731
     assert f == 3 * 128 * 12 * blk(768, 100) + 3 * 512 * 12 * blk(384, 120) + 128 * 12 * blk(768, 196)
     assert 1.7e13 < f < 2.2e13  # ~19 TFLOP: teacher 4.5, student 6.9, predictor 7.8 (4 x 128 sequences of 120)
