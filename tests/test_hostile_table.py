@@ -29,7 +29,7 @@ import torch
 import show as S
 import us_jepa as U
 from test_hostile_cli import TINY
-from test_hostile_data import good, hostile
+from test_hostile_data import FILES, RECORDS, TEST, TRAIN, bench, folder, good, hostile, image_folder_case, rec
 
 HANG_S = 60
 SMALL = [*TINY, "--img_size", "32", "--patch_size", "8"]  # stage 1 on a data folder: 4 x 4 patches of 8 px
@@ -430,6 +430,225 @@ add("g1-ckpt", "pretrain --teacher a folder", "t.pt: no such checkpoint", pretra
 add("g1-ckpt", "pretrain --teacher a timm dict of width 100", "width 100 is not one of",
     pretrain_teacher(lambda p, _: torch.save({"patch_embed.proj.weight": torch.zeros(100, 3, 16, 16),
                                               "pos_embed": torch.zeros(1, 37, 100)}, p)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# g2: image files that are valid but hostile. The data folder holds one ordinary scan and the hostile file
+# (--max_bad 0), or only hostile files: the run stops, naming the file and why, before --out is touched.
+
+def one_hostile(case, *flags, command="teacher"):
+    def setup(c):
+        d = c.data(case)
+        path = d / FILES[case][0]
+        match = {"match": ("1 of 2 image files are unreadable", str(path), FILES[case][2])}
+        if command == "pretrain":
+            out = c.out()
+            return ["pretrain", *TINY, "--teacher", c.runs["teacher"] / "best.pt", "--data", d, "--out", out,
+                    "--max_bad", "0", *flags], out, match
+        return (*teacher_on(c, d, "--max_bad", "0", *flags), match)
+    return setup
+
+
+for case in FILES:
+    add("g2-image", f"teacher, {case}", None, one_hostile(case))
+for case in ("12000^2 png", "FIFO .png", "dcm declaring 5M frames", "float tiff NaN", "png bomb header",
+             "dangling link"):
+    add("g2-image", f"teacher --cache off, {case}", None, one_hostile(case, "--cache", "off"))
+for case in ("jpeg bomb header", "FIFO .tif", "dcm frames beyond its size"):
+    add("g2-image", f"pretrain, {case}", None, one_hostile(case, command="pretrain"))
+
+
+def all_bad(c):
+    cases = ("12000^2 png", "FIFO .png", "dcm declaring 5M frames", "float tiff NaN", "empty file", "7 px")
+    return (*teacher_on(c, c.data(*cases, n_good=0)), {"match": "6 of 6 image files are unreadable"})
+
+
+add("g2-image", "teacher, a folder where every file is bad", None, all_bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# g3: paths. Names are literal (no glob), links do not loop or duplicate, records stay inside the dataset
+# folder, and a --data or --cache that is not a usable folder is one line.
+
+def glob_named(name, twin):
+    """--data NAME, a glob pattern that would match the folder twin (20 good scans): NAME's own files count."""
+    def setup(c):
+        good(c.tmp / twin, 20)
+        d = c.data("empty file", name=name)
+        return (*teacher_on(c, d, "--max_bad", "0"), {"match": ("1 of 2 image files", str(d / "empty.png"))})
+    return setup
+
+
+for name, twin in (("study[ab]", "studya"), ("only[1]", "only1"), ("a*", "ab"), ("?", "x")):
+    add("g3-paths", f"teacher --data {name} beside {twin}", None, glob_named(name, twin))
+
+
+def probe_glob(c):
+    bench(c.tmp / "ub1", TRAIN, TEST)
+    return probe_on(c, bench(c.tmp / "ub[1]", TRAIN, [rec(4, 1.5)]))
+
+
+add("g3-paths", "probe --data ub[1] beside ub1", "test.json record 0: label 1.5 is not an integer", probe_glob)
+
+
+def data_is(make, command="teacher"):
+    """--data the path make(tmp) returns (something that is not a folder of images)."""
+    def setup(c):
+        path = make(c.tmp)
+        return teacher_on(c, path) if command == "teacher" else probe_on(c, path)
+    return setup
+
+
+def a_scan(tmp):
+    good(tmp / "f", 1)
+    return tmp / "f" / "ok_0.png"
+
+
+def only_text(tmp):
+    (tmp / "t").mkdir()
+    for name in ("notes.txt", "report.pdf", "scan.png.txt"):
+        (tmp / "t" / name).write_text("not an image")
+    return tmp / "t"
+
+
+def only_a_loop(tmp):
+    (tmp / "l" / "sub").mkdir(parents=True)
+    os.symlink(tmp / "l", tmp / "l" / "sub" / "up")
+    os.symlink(".", tmp / "l" / "self")
+    return tmp / "l"
+
+
+def dangling(tmp):
+    os.symlink(tmp / "gone", tmp / "link")
+    return tmp / "link"
+
+
+def a_fifo(tmp):
+    os.mkfifo(tmp / "pipe")
+    return tmp / "pipe"
+
+
+NO_DIR = "no such directory"
+add("g3-paths", "teacher --data a missing folder", NO_DIR, data_is(lambda t: t / "nowhere"))
+add("g3-paths", "probe --data a missing folder", NO_DIR, data_is(lambda t: t / "nowhere", "probe"))
+add("g3-paths", "teacher --data a file", NO_DIR, data_is(a_scan))
+add("g3-paths", "probe --data a file", NO_DIR, data_is(a_scan, "probe"))
+add("g3-paths", "teacher --data a dangling link", NO_DIR, data_is(dangling))
+add("g3-paths", "teacher --data a FIFO", NO_DIR, data_is(a_fifo))
+add("g3-paths", "probe --data a FIFO", NO_DIR, data_is(a_fifo, "probe"))
+add("g3-paths", "teacher --data only text files", "no images", data_is(only_text))
+add("g3-paths", "teacher --data only links that loop", "no images", data_is(only_a_loop))
+
+
+def loop_and_a_bad_file(c):
+    d = c.data("empty file")
+    os.symlink(d, d / "again")
+    return (*teacher_on(c, d, "--max_bad", "0"), {"match": ("1 of 2 image files", "empty.png")})
+
+
+def odd_name(name, shown):
+    def setup(c):
+        d = c.data("empty file", name=name)
+        return (*teacher_on(c, d, "--max_bad", "0"), {"match": ("1 of 2 image files", shown)})
+    return setup
+
+
+add("g3-paths", "teacher --data with a link loop: each file once", None, loop_and_a_bad_file)
+add("g3-paths", "teacher --data a folder named with a newline", None, odd_name("bad\nname", "bad\\nname"))
+add("g3-paths", "teacher --data a folder named with a terminal escape", None,
+    odd_name("x\x1b[2Jy", "x\\x1b[2Jy"))
+
+for case in ("parent path", "parent path via a folder", "absolute path", "the root itself", "mask outside",
+             "image not a string", "empty image path", "NUL in a path", "missing image"):
+    train, test, val, match = RECORDS[case]
+    add("g3-paths", f"probe, a record: {case}", match,
+        lambda c, tr=train, te=test, va=val: probe_on(c, bench(c.tmp / "ub", tr, te, va)))
+
+
+def cache_at(make, command="teacher"):
+    """--cache the path make(tmp) returns (not a folder that can be written)."""
+    def setup(c):
+        cache = make(c)
+        if command == "probe":
+            return probe_on(c, bench(c.tmp / "ub", TRAIN, TEST), "--cache", cache)
+        return teacher_on(c, c.data(n_good=20), "--cache", cache)
+    return setup
+
+
+def a_file(c):
+    (c.tmp / "cachefile").write_text("")
+    return c.tmp / "cachefile"
+
+
+CACHE = "choose a writable --cache DIR, or --cache off"
+add("g3-paths", "teacher --cache a file", CACHE, cache_at(a_file))
+add("g3-paths", "teacher --cache a read-only folder", CACHE, cache_at(lambda c: c.freeze(c.out("cache"))))
+add("g3-paths", "probe --cache a file", CACHE, cache_at(a_file, "probe"))
+add("g3-paths", "probe --cache below a file", CACHE, cache_at(lambda c: a_file(c) / "sub", "probe"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# g4: labels and probe data, through `probe --encoder pixels --data DIR`: UltraBench records (test_hostile_data
+# .RECORDS), ImageFolder layouts and hostile images in a probe split (image_folder_case).
+
+PATHS = {"parent path", "parent path via a folder", "absolute path", "the root itself", "mask outside",
+         "image not a string", "empty image path", "NUL in a path", "missing image"}
+for case, (train, test, val, match) in RECORDS.items():
+    if case not in PATHS:
+        add("g4-labels", f"probe, UltraBench: {case}", match,
+            lambda c, tr=train, te=test, va=val: probe_on(c, bench(c.tmp / "ub", tr, te, va)))
+
+
+def layout(kind, *flags):
+    def setup(c):
+        match = image_folder_case(kind, c.tmp / "f")
+        if "off" in flags:
+            match = match.replace("cannot use probe image ", "")
+        return (*probe_on(c, c.tmp / "f", *flags), {"match": match})
+    return setup
+
+
+for kind in ("test class train lacks", "val class train lacks", "image outside the class folders",
+             "same file in train and test", "same file in two classes"):
+    add("g4-labels", f"probe, ImageFolder: {kind}", None, layout(kind))
+for kind in ("40000x16 png", "12000^2 png", "png bomb header", "jpeg bomb header", "bmp bomb header",
+             "float tiff NaN", "FIFO .png", "FIFO .dcm", "dcm declaring 5M frames", "link to /dev/zero",
+             "empty file"):
+    add("g4-labels", f"probe, ImageFolder test image: {kind}", None, layout(kind))
+for kind in ("FIFO .png", "dcm declaring 5M frames", "float tiff NaN"):
+    add("g4-labels", f"probe --cache off, ImageFolder test image: {kind}", None, layout(kind, "--cache", "off"))
+
+
+def json_is(make):
+    def setup(c):
+        root = bench(c.tmp / "ub", TRAIN, TEST)
+        (root / "test.json").unlink()
+        make(root / "test.json")
+        return probe_on(c, root)
+    return setup
+
+
+def no_test_split(c):
+    folder(c.tmp / "f", ("train", "val"))
+    return probe_on(c, c.tmp / "f")
+
+
+def no_test_json(c):
+    root = bench(c.tmp / "ub", TRAIN, TEST)
+    (root / "test.json").unlink()
+    return probe_on(c, root)
+
+
+def neither(c):
+    good(c.tmp / "f" / "scans", 3)
+    return probe_on(c, c.tmp / "f")
+
+
+add("g4-labels", "probe, test.json a FIFO", "test.json: not a regular file (a FIFO)", json_is(os.mkfifo))
+add("g4-labels", "probe, test.json a folder", "test.json: not a regular file (a folder)", json_is(os.mkdir))
+add("g4-labels", "probe, UltraBench without test.json", "no test.json", no_test_json)
+add("g4-labels", "probe, ImageFolder without a test split", "no test split", no_test_split)
+add("g4-labels", "probe, neither ImageFolder nor UltraBench", "neither ImageFolder", neither)
 
 
 # ------------------------------------------------------------------------------------------------------------
