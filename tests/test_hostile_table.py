@@ -652,7 +652,211 @@ add("g4-labels", "probe, neither ImageFolder nor UltraBench", "neither ImageFold
 
 
 # ------------------------------------------------------------------------------------------------------------
+# g5: the command line (the flags of tests/test_hostile_cli.py and tests/test_cli.py are not repeated here).
+
+FLAGS = [  # (command, flags, what the line says)
+    ("teacher", ["extra"], "unrecognized arguments: extra"),
+    ("teacher", ["--data"], "argument --data: expected one argument"),
+    ("teacher", ["--lr="], "--lr: cannot read ''"),
+    ("teacher", ["--lr=nan"], "--lr nan"),
+    ("teacher", ["--img_size", "0"], "--img_size 0 must be a multiple of --patch_size 16"),
+    ("teacher", ["--img_size", "2.5"], "--img_size: cannot read '2.5' as int"),
+    ("teacher", ["--img_size", "4096"], "--img_size 4096"),
+    ("teacher", ["--steps", "1e3"], "--steps: cannot read '1e3' as int"),
+    ("teacher", ["--tgt_scale", "0.1,0.2,0.3"], "--tgt_scale: cannot read '0.1,0.2,0.3' as tuple"),
+    ("teacher", ["--betas", "0.9"], "--betas: cannot read '0.9' as tuple"),
+    ("teacher", ["--wd", "0.4,0.04"], "--wd 0.4,0.04: need low <= high"),
+    ("teacher", ["--augment", "maybe"], "--augment: cannot read 'maybe' as bool"),
+    ("teacher", ["--usrc", "2"], "--usrc: cannot read '2' as bool"),
+    ("teacher", ["--overwrite", "perhaps"], "--overwrite: cannot read 'perhaps' as bool"),
+    ("teacher", ["--every", "-1"], "--every -1: must be >= 1"),
+    ("teacher", ["--holdout", "0.5"], "--holdout must be in [0, 0.5)"),
+    ("teacher", ["--n_images", "-5"], "--n_images -5"),
+    ("teacher", ["--max_bad", "-0.1"], "--max_bad must be in [0, 1]"),
+    ("teacher", ["--clip", "nan"], "--clip nan"),
+    ("teacher", ["--start_lr", "inf"], "--start_lr inf"),
+    ("teacher", ["--depth", "65"], "--depth 65"),
+    ("teacher", ["--pred_dim", "10000"], "--pred_dim 10000"),
+    ("teacher", ["--threads", "1.5"], "--threads: cannot read '1.5' as int"),
+    ("teacher", ["--min_keep", "36"], "--min_keep must be in [1, patches per image)"),
+    ("pretrain", ["--pred_heads", "5"], "--pred_dim must be divisible by --pred_heads"),
+    ("pretrain", ["--model", ""], "--model : choose one of"),
+    ("pretrain", ["--preset", "paper", "--img_size", "100"], "--img_size 100 must be a multiple"),
+    ("probe", ["--batch_size", "1"], "--batch_size >= 2"),
+    ("probe", ["--n_val", "0"], "--n_* must be >= 1"),
+    ("probe", ["--n_test", "-3"], "--n_* must be >= 1"),
+    ("probe", ["--fractions", "abc"], "comma-separated numbers"),
+    ("probe", ["--fractions", "5,nan"], "--fractions in (0, 100]"),
+    ("probe", ["--corrupt", "blur", "--severity", "0"], "--severity in (0, 4]"),
+    ("probe", ["--corrupt", "blur", "--severity", "-1"], "--severity in (0, 4]"),
+    ("probe", ["--corrupt", "contrast", "--severity", "4.5"], "--severity in (0, 4]"),
+    ("probe", ["--corrupt", "speckle", "--severity", "inf"], "--severity in (0, 4]"),
+    ("probe", ["--corrupt", "blur,fog"], "--corrupt from blur,contrast,speckle"),
+    ("probe", ["--layers", "-1"], "--layers -1"),
+    ("probe", ["--seeds", "1.5"], "--seeds: cannot read '1.5' as int"),
+    ("probe", ["--lr", "0"], "--lr 0"),
+    ("probe", ["--preset", "paper"], "unrecognized arguments: --preset paper"),
+    ("probe", ["--sev", "9"], "unrecognized arguments: --sev 9"),
+    ("probe", ["--task", ""], "--task : choose one of"),
+    ("show", ["--ov"], "unrecognized arguments: --ov"),
+    ("show", ["--n_images", "x"], "--n_images: cannot read 'x' as int"),
+]
+for command, flags, match in FLAGS:
+    add("g5-flags", f"{command} {' '.join(flags)}", match, on_flags(command, *flags))
+add("g5-flags", "teacher --n_targets 40 --tgt_scale 0.5,0.5", "masks: 40 targets",
+    on_flags("teacher", "--n_targets", "40", "--tgt_scale", "0.5,0.5"),
+    "the masks are first drawn in the training loop, after claim_out took --out: the one line comes, but --out "
+    "has changed (a new .lock and log.jsonl)")
+add("g5-flags", "probe --wd -1", "--wd -1", on_flags("probe", "--wd", "-1"),
+    "check_numbers has no lower bound for the probe's --wd: AdamW raises ValueError (a traceback) once the "
+    "features are made", ValueError)
+SHOW = "run_show checks none of its numbers: "
+for flags, error in ((["--n_images", "0"], IndexError), (["--n_images", "-2"], IndexError),
+                     (["--seed", "-1"], ValueError)):
+    add("g5-flags", f"show {' '.join(flags)}", flags[0], on_flags("show", *flags),
+        SHOW + f"{error.__name__} traceback", error)
+
+
+def show_few_shot(text):
+    def setup(c):
+        out = c.out()
+        if text is not None:
+            (out / "p.json").write_text(text)
+        return ["few-shot", out / "p.json"], out, {"main": S.main}
+    return setup
+
+
+add("g5-flags", "show few-shot a missing JSON", "no such probe JSON", show_few_shot(None))
+add("g5-flags", "show few-shot a JSON without few-shot results", "no few-shot results",
+    show_few_shot('{"results": {"pixels": {"few_shot": {}}}}'))
+add("g5-flags", "show few-shot a file that is not JSON", "p.json", show_few_shot("not json"),
+    "few_shot reads the file with json.load unguarded: JSONDecodeError traceback", ValueError)
+add("g5-flags", "show few-shot a JSON that is not a probe's", "p.json", show_few_shot("[1, 2]"),
+    "few_shot indexes ['results'] unguarded: TypeError traceback", TypeError)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# g6: where results go: an --out that cannot be written, is not a folder, or is another run's.
+
+def train_out(command, where, *flags, snap=None):
+    """command with --out where(c); the folder checked is snap(c) (default: the --out itself)."""
+    def setup(c):
+        out = where(c)
+        head = ["teacher", *TINY] if command == "teacher" else [
+            "pretrain", *TINY, "--teacher", c.runs["teacher"] / "best.pt"]
+        return [*head, "--out", out, *flags], snap(c) if snap else out
+    return setup
+
+
+def special(make):
+    """A folder holding a user's file and make(folder) -> the --out path in it."""
+    return lambda c: make(c.out())
+
+
+def fifo_in(o):
+    os.mkfifo(o / "f")
+    return o / "f"
+
+
+def dangling_in(o):
+    os.symlink(o / "nowhere", o / "link")
+    return o / "link"
+
+
+def link_to_file_in(o):
+    os.symlink("keep.txt", o / "link")
+    return o / "link"
+
+
+OUTER = lambda c: c.tmp / "out"  # noqa: E731  the folder around a --out that is not one
+add("g6-out", "teacher --out read-only", "--out", train_out("teacher", lambda c: c.freeze(c.out())))
+add("g6-out", "teacher --out in a read-only folder", "--out",
+    train_out("teacher", lambda c: c.freeze(c.out()) / "run", snap=OUTER))
+add("g6-out", "teacher --out a FIFO", "File exists", train_out("teacher", special(fifo_in), snap=OUTER))
+add("g6-out", "teacher --out a dangling link", "File exists",
+    train_out("teacher", special(dangling_in), snap=OUTER))
+add("g6-out", "teacher --out a link to a file", "File exists",
+    train_out("teacher", special(link_to_file_in), snap=OUTER))
+add("g6-out", "pretrain --out a file", "--out", train_out("pretrain", lambda c: c.out() / "keep.txt", snap=OUTER))
+add("g6-out", "pretrain --out below a file", "--out",
+    train_out("pretrain", lambda c: c.out() / "keep.txt" / "run", snap=OUTER))
+add("g6-out", "pretrain --out read-only", "--out", train_out("pretrain", lambda c: c.freeze(c.out())))
+add("g6-out", "pretrain --out locked", "another run (pid 4242) is writing there",
+    train_out("pretrain", lambda c: c.lock(c.out())))
+add("g6-out", "teacher --resume, --out locked", "another run (pid 4242) is writing there",
+    train_out("teacher", lambda c: c.lock(c.copy()), "--resume"))
+add("g6-out", "teacher --overwrite, --out locked: the run is kept", "another run (pid 4242) is writing there",
+    train_out("teacher", lambda c: c.lock(c.copy()), "--overwrite"))
+add("g6-out", "teacher --overwrite, --out read-only: the run is kept", "--out",
+    train_out("teacher", lambda c: c.freeze(c.copy()), "--overwrite"))
+add("g6-out", "teacher --resume, --out read-only", "--out",
+    train_out("teacher", lambda c: c.freeze(c.copy()), "--resume"))
+
+
+def only_best(c):
+    out = c.copy()
+    (out / "last.pt").unlink()
+    return out
+
+
+add("g6-out", "pretrain --out a run with only best.pt", "already holds a run", train_out("pretrain", only_best))
+
+
+def empty_out(c):
+    out = c.out()
+    c.mp.chdir(out)
+    return ["teacher", *TINY, "--out", ""], out
+
+
+add("g6-out", "teacher --out ''", "--out", empty_out)
+
+
+def probe_out(where, *flags, snap=OUTER):
+    def setup(c):
+        return [*PROBE, "--out", where(c), *flags], snap(c)
+    return setup
+
+
+def probe_default_out(c):
+    ro = c.freeze(c.out())
+    return [*PROBE, "--ckpt", ro / "best.pt"], ro  # its JSON would go beside the checkpoint
+
+
+def dir_named_json(o):
+    (o / "p.json").mkdir()
+    return o / "p.json"
+
+
+WRITABLE = "not a writable file path"
+add("g6-out", "probe --out in a read-only folder", WRITABLE, probe_out(lambda c: c.freeze(c.out()) / "p.json"))
+add("g6-out", "probe --out below a read-only folder", "--out",
+    probe_out(lambda c: c.freeze(c.out()) / "new" / "p.json"))
+add("g6-out", "probe --out a folder named p.json", WRITABLE, probe_out(special(dir_named_json)))
+add("g6-out", "probe --out below a FIFO", "--out", probe_out(lambda c: fifo_in(c.out()) / "p.json"))
+add("g6-out", "probe --out below a dangling link", "--out", probe_out(lambda c: dangling_in(c.out()) / "p.json"))
+add("g6-out", "probe, default --out beside a --ckpt in a read-only folder", WRITABLE, probe_default_out)
+
+
+def show_out(where):
+    def setup(c):
+        return ["--ckpt", c.runs["student"] / "best.pt", "--out", where(c)], c.tmp / "out", {"main": S.main}
+    return setup
+
+
+SHOW_OUT = "run_show computes the figures, then calls os.makedirs(--out) and saves unguarded: "
+add("g6-out", "show --out a file", "--out", show_out(lambda c: c.out() / "keep.txt"),
+    SHOW_OUT + "FileExistsError traceback", OSError)
+add("g6-out", "show --out read-only", "--out", show_out(lambda c: c.freeze(c.out())),
+    SHOW_OUT + "PermissionError traceback", OSError)
+add("g6-out", "show --out below a file", "--out", show_out(lambda c: c.out() / "keep.txt" / "figs"),
+    SHOW_OUT + "NotADirectoryError traceback", OSError)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The table.
+
+GROUPS = ("g1-", "g2-", "g3-", "g4-", "g5-", "g6-")
+
 
 @pytest.mark.parametrize("setup,match", CASES)
 def test_refused(ctx, capsys, setup, match):
@@ -660,3 +864,9 @@ def test_refused(ctx, capsys, setup, match):
     more = more[0] if more else {}
     refused(argv, out, more.get("match", match), capsys, more.get("main", U.main))
 
+
+def test_the_table_covers_each_group():
+    """At least 12 cases in each of the six groups, 120 in all, each with its own name."""
+    ids = [c.id for c in CASES]
+    counts = {g: sum(i.startswith(g) for i in ids) for g in GROUPS}
+    assert len(set(ids)) == len(ids) >= 120 and min(counts.values()) >= 12, counts
