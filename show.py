@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import us_jepa as U
-from us_util import require, unique_path
+from us_util import require, unique_path, check_numbers, run_command
 from us_data import UserError, synth_batch
 
 
@@ -31,6 +31,13 @@ class ShowConfig:
 def run_show(s):
     """PNGs of the masks on a few built-in images and of the student's patch features."""
     from PIL import Image
+    check_numbers(s)
+    require(s.n_images <= 64, f"--n_images {s.n_images}: at most 64 images fit a figure")
+    try:  # where the figures go is checked before they are computed
+        os.makedirs(s.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {s.out}: {e.strerror}") from None
+    require(os.access(s.out, os.W_OK), f"--out {s.out}: not a writable folder")
     ck = U.load_checkpoint(s.ckpt)
     vit = U.build_encoder(ck["config"], ck["model"], s.ckpt).eval()
     S, p, g, n = vit.grid * vit.patch_size, vit.patch_size, vit.grid, s.n_images
@@ -56,7 +63,6 @@ def run_show(s):
     lo, hi = pcs.quantile(0.02, 0), pcs.quantile(0.98, 0)
     pca = ((pcs - lo) / (hi - lo)).clamp(0, 1).reshape(n, g, g, 3)
     pca = pca.repeat_interleave(p, 1).repeat_interleave(p, 2)  # (n, S, S, 3)
-    os.makedirs(s.out, exist_ok=True)
     for name, rows in (("masks", [mixed]), ("pca", [rgb, pca.numpy() * 255])):
         grid_img = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)  # side by side
         path = unique_path(os.path.join(s.out, f"{name}.png"))
@@ -97,11 +103,14 @@ def plot_curves(path, xs, series, title):
 def few_shot(path):
     """The few-shot curve of a probe JSON (`probe --fractions ...`) beside it: macro-F1 per %."""
     require(os.path.isfile(path), f"{path}: no such probe JSON")
-    with open(path) as f:
-        results = json.load(f)["results"]
-    fracs = list(next(iter(results.values()))["few_shot"])
+    try:
+        with open(path) as f:
+            results = json.load(f)["results"]
+        fracs = list(next(iter(results.values()))["few_shot"])
+        curves = {n: [float(r["few_shot"][f][0]) for f in fracs] for n, r in results.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
+        raise UserError(f"{path}: not a probe JSON ({type(e).__name__})") from None
     require(fracs, f"{path}: no few-shot results (probe --fractions 1,5,10,50,100 writes them)")
-    curves = {n: [r["few_shot"][f][0] for f in fracs] for n, r in results.items()}
     out = unique_path(os.path.splitext(path)[0] + "_few_shot.png")
     plot_curves(out, [float(f) for f in fracs], curves, "few-shot macro-F1")
     print(f"[show] wrote {out}")
@@ -109,15 +118,10 @@ def few_shot(path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv[:1] == ["few-shot"] and len(argv) == 2:
-            return few_shot(argv[1])
-        run_show(U.parse_config("show.py", argv, (ShowConfig,))["show"])
-    except UserError as e:
-        if "--debug" in argv:
-            raise
-        print(f"show.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if argv[:1] == ["few-shot"] and len(argv) == 2:
+        return run_command("show.py", argv, lambda: few_shot(argv[1]))
+    return run_command("show.py", argv,
+                       lambda: run_show(U.parse_config("show.py", argv, (ShowConfig,))["show"]))
 
 
 if __name__ == "__main__":

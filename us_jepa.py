@@ -465,7 +465,7 @@ def load_checkpoint(path, ck=None):
     require({"kind", "config", "model"} <= set(ck), f"{path}: not a us_jepa checkpoint (needs "
             "'kind', 'config', 'model')")
     try:  # a stored config that cannot describe a ViT is refused before anything is allocated
-        for config in (ck["config"], ck.get("teacher", {}).get("config")):
+        for config in (ck["config"], ck["teacher"]["config"] if "teacher" in ck else None):
             if config is not None:  # the types and ranges of the flags that made it
                 model = ModelConfig(**config["model"])
                 check_numbers(model, DataConfig(img_size=config["data"]["img_size"]))
@@ -475,14 +475,15 @@ def load_checkpoint(path, ck=None):
     return ck
 
 def build_encoder(config, state=None, path="checkpoint"):
-    """The ViT a checkpoint's config describes, with its weights."""
+    """The ViT a checkpoint's config describes, with its weights (None: random, as initialised)."""
     vit = ViT(config["data"]["img_size"], **config["model"])
-    state = dict(state or {})
-    pos = state.pop("pos_embed", None)  # a learnt position table (external teachers) replaces ours
+    if state is None:
+        return vit
     try:
-        if state:
-            vit.load_state_dict(state)
-    except RuntimeError as e:
+        state = dict(state)
+        pos = state.pop("pos_embed", None)  # a learnt position table (external teachers): theirs
+        vit.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: weights do not fit the ViT its config describes "
                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
     if pos is not None:
@@ -566,6 +567,7 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
         start=0, best=float("inf"), changes={})
     if t.resume:
         resume(r)
+    sample_masks(np.random.default_rng(0), 1, encoder.grid, cfg["mask"])  # possible at all?
     if rank == 0:  # every check passed: the run takes --out (nothing there changed before this)
         need = 16 * sum(p.numel() for p in params)  # fp32 weights + AdamW's two moments, x2
         r.lock = claim_out(t.out, need)
@@ -795,15 +797,13 @@ def check_probe(p):
     """The probe's flags and checkpoint (a stage-1 checkpoint's model is its teacher)."""
     fracs, kinds, sev = check_probe_flags(p, CORRUPTIONS)
     names = ["student", "teacher", "random", "pixels"] if p.encoder == "all" else [p.encoder]
-    ck = None
-    if p.encoder != "pixels":
-        require(os.path.exists(p.ckpt), f"{p.ckpt}: no such checkpoint (`python us_jepa.py "
-                "pretrain` writes it; or pass --ckpt)")
-        ck = load_checkpoint(p.ckpt)
+    ck = load_checkpoint(p.ckpt) if p.encoder != "pixels" else None
     if ck and ck["kind"] == "teacher":
         names = [n for n in names if n != "student"] if p.encoder == "all" else names
         require("student" not in names, f"{p.ckpt} is a teacher checkpoint: use --encoder teacher")
         ck = dict(ck, teacher={"config": ck["config"], "model": ck["model"]})
+    require(not ck or "teacher" in ck or "teacher" not in names, f"{p.ckpt} holds no teacher: use "
+            "--encoder student")
     size = ck["config"]["data"]["img_size"] if ck else DataConfig.img_size
     return names, ck, size, fracs, kinds, sev
 
@@ -963,6 +963,7 @@ def teacher_config(cfg):
 def run_pretrain(cfg):
     """`pretrain`: stage 2 against --teacher (trained first if the default path has none) or ema."""
     t = cfg["train"]
+    run_folder(t.out, t.resume, t.overwrite)  # before a teacher is trained for a run that cannot
     if t.teacher == "ema":
         return train(cfg, "student", "ema")
     if not os.path.exists(t.teacher):
@@ -985,8 +986,7 @@ def command(cmd, *flags):
     cfg = parse_config(cmd, flags)
     section = cfg.get("train") or cfg[cmd]
     require(section.threads >= 0, f"--threads {section.threads}: must be >= 0")
-    if section.threads:
-        torch.set_num_threads(section.threads)
+    torch.set_num_threads(section.threads or torch.get_num_threads())
     if cmd == "probe":
         return run_probe(cfg["probe"])
     check_train_flags(*(cfg[s] for s in ("data", "model", "mask", "train")), ENCODERS)

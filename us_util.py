@@ -9,7 +9,7 @@ us_data.py it never imports us_jepa.py (MAE keeps the same kind of code in util/
   claim_out       --out made, writable, with room, locked against a second run
   setup_distributed, precision, say, print_tables
 """
-import argparse, difflib, fcntl, hashlib, json, math, os, shutil, sys, time
+import argparse, difflib, fcntl, hashlib, json, math, os, re, shutil, sys, time
 from dataclasses import fields
 
 import numpy as np
@@ -49,8 +49,9 @@ def parse_value(name, default, text):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of argparse's usage block; a spelling hint
         known = [o for a in self._actions for o in a.option_strings]
-        words = [w.split("=")[0] for w in message.split() if w.startswith("--")]
-        hint = [h for w in words if w not in known for h in difflib.get_close_matches(w, known, 1)]
+        words = [w.strip(":,'\"").split("=")[0] for w in message.split() if w.startswith("--")]
+        near = [difflib.get_close_matches(w, known, 1, 0.7) for w in words if w not in known]
+        hint = [h for found in near for h in found]
         raise UserError(message + (f" (did you mean {hint[0]}?)" if hint else ""))
 
 
@@ -79,7 +80,7 @@ LOWEST = dict(img_size=1, n_images=1, depth=1, patch_size=1, pred_depth=1, pred_
               n_targets=1, tau=1, steps=1, epochs=0, batch_size=1, lr=1e-12, start_lr=0, final_lr=0,
               warmup=0, clip=0, beta=1e-12, pix_pool=1, log_every=1, eval_every=1, seed=0,
               threads=0, workers=0, every=1, min_keep=1, seeds=1, patience=1, n_train=1, n_val=1,
-              n_test=1, layers=1, severity=0, max_bad=0, holdout=0)
+              n_test=1, layers=1, severity=0, max_bad=0, holdout=0, wd=0)
 # The largest that make sense (2048 px: 16k tokens at patch 16); stored configs are held to them.
 HIGHEST = dict(img_size=2048, warmup=1, max_bad=1, depth=64, pred_depth=64, pred_dim=8192,
                pred_heads=128, patch_size=64)
@@ -198,11 +199,13 @@ def unique_path(path):
 
 def load_file(path):
     """A dict saved by torch, loaded weights_only (no pickled code runs); a failure is one line."""
-    require(os.path.isfile(path), f"{path}: no such checkpoint")
+    require(os.path.isfile(path), f"{path}: no such checkpoint (`python us_jepa.py pretrain` "
+            "writes runs/pretrain/best.pt, `teacher` runs/teacher/best.pt)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, pickled objects, not a torch file, ...
-        first = (str(e).splitlines() or [""])[0][:120]  # a 0-byte file's error has no text
+        first = (str(e).splitlines() or [""])[0]  # a 0-byte file's error has no text
+        first = re.sub(r"\x1b\[[0-9;]*m", "", first)[:120]  # torch's message has bold escapes
         raise UserError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
     require(isinstance(ck, dict), f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', "
             "'model')")
@@ -265,13 +268,18 @@ def clear_run(out):
 def newest_checkpoint(out, load):
     """last.pt, or best.pt when last.pt does not load (a corrupt one is skipped, loudly); last.pt is
     never older: best.pt is written only at steps that also write last.pt. -> path, load(path)"""
+    skipped = []
     for path in (os.path.join(out, "last.pt"), os.path.join(out, "best.pt")):
         try:
             if os.path.exists(path):
-                return path, load(path)
+                ck = load(path)
+                for e in skipped:
+                    print(f"warning: skipping {e}", file=sys.stderr)
+                return path, ck
         except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-    raise UserError(f"--resume: no readable checkpoint in {out}")
+            skipped.append(e)
+    raise UserError(f"--resume: no readable checkpoint in {out}"
+                    + "".join(f"; {e}" for e in skipped))
 
 
 def differences(was, now, keep=()):

@@ -250,10 +250,8 @@ def resume_broken(write):
     return setup
 
 
-WARNED = ("newest_checkpoint prints a 'warning: skipping ...' line for each unreadable checkpoint before the "
-          "one error line: three lines on stderr")
 for name, write in BROKEN.items():
-    add("g1-resume", f"last.pt and best.pt {name}", NO_LOAD, resume_broken(write), WARNED)
+    add("g1-resume", f"last.pt and best.pt {name}", NO_LOAD, resume_broken(write))
 
 
 def resume_loop(c):
@@ -279,7 +277,7 @@ def resume_only_best(c):
 
 add("g1-resume", "last.pt and best.pt links to each other", "--resume: no checkpoint in", resume_loop)
 add("g1-resume", "a student's last.pt in a teacher run", "is a student run, not a teacher run", resume_other_kind)
-add("g1-resume", "no last.pt, best.pt garbage", NO_LOAD, resume_only_best, WARNED.replace("three", "two"))
+add("g1-resume", "no last.pt, best.pt garbage", NO_LOAD, resume_only_best)
 add("g1-resume", "pretrain --resume with no run", "--resume: no checkpoint in", on_flags("pretrain", "--resume"))
 add("g1-resume", "teacher --resume force with no run", "--resume: no checkpoint in",
     on_flags("teacher", "--resume", "force"))
@@ -381,9 +379,7 @@ add("g1-ckpt", "probe --encoder student --ckpt a teacher's", "is a teacher check
 add("g1-ckpt", "probe --layers 3 on a 1-block student", "--layers 3: the student has 1",
     probe_ckpt(lambda p, runs: shutil.copy2(runs["student"] / "best.pt", p), "--layers", "3"))
 add("g1-ckpt", "probe --encoder teacher, a student checkpoint without its teacher", "x.pt",
-    probe_ckpt(student_without_teacher, encoder="teacher"),
-    "a student checkpoint without a 'teacher' entry loads; probe_features reads ck['teacher']: KeyError traceback",
-    KeyError)
+    probe_ckpt(student_without_teacher, encoder="teacher"))
 add("g1-ckpt", "probe, a student checkpoint whose teacher config is nonsense", "its stored config cannot describe",
     probe_ckpt(student_with_nonsense_teacher, encoder="teacher"))
 
@@ -407,20 +403,15 @@ def with_config(config, kind="teacher", weights=True):
     return write
 
 
-NONSENSE_TEACHER = "load_teacher loads with ours=False, which skips check_stored; ViT() gets the stored config: "
 for name, config, error in (("a depth that is a string", teacher_config(depth="one"), TypeError),
                             ("an unknown width", teacher_config(model="vit_giant"), KeyError),
                             ("a negative image size", dict(teacher_config(), data={"img_size": -96}), RuntimeError)):
     add("g1-ckpt", f"pretrain --teacher, its config with {name}", "its stored config cannot describe a ViT",
-        pretrain_teacher(with_config(config)), NONSENSE_TEACHER + f"{error.__name__} traceback", error)
-NO_WEIGHTS = ("build_encoder loads no weights when the stored state dict is empty: exit 0, a randomly initialised "
-              "encoder used as if it were the checkpoint's")
+        pretrain_teacher(with_config(config)))
 add("g1-ckpt", "pretrain --teacher a checkpoint without weights", "t.pt",
-    pretrain_teacher(with_config({}, weights=False)), NO_WEIGHTS + " (the student trains against a random teacher)",
-    pytest.fail.Exception)
+    pretrain_teacher(with_config({}, weights=False)))
 add("g1-ckpt", "probe --ckpt a student checkpoint without weights", "x.pt",
-    probe_ckpt(with_config({}, "student", weights=False)), NO_WEIGHTS + " (and probed as the student)",
-    pytest.fail.Exception)
+    probe_ckpt(with_config({}, "student", weights=False)))
 for name in ("0-byte", "garbage", "pickle payload"):
     add("g1-ckpt", f"pretrain --teacher {name}", "t.pt: cannot load",
         pretrain_teacher(lambda p, _, w=BROKEN[name]: w(p)))
@@ -704,17 +695,11 @@ FLAGS = [  # (command, flags, what the line says)
 for command, flags, match in FLAGS:
     add("g5-flags", f"{command} {' '.join(flags)}", match, on_flags(command, *flags))
 add("g5-flags", "teacher --n_targets 40 --tgt_scale 0.5,0.5", "masks: 40 targets",
-    on_flags("teacher", "--n_targets", "40", "--tgt_scale", "0.5,0.5"),
-    "the masks are first drawn in the training loop, after claim_out took --out: the one line comes, but --out "
-    "has changed (a new .lock and log.jsonl)")
-add("g5-flags", "probe --wd -1", "--wd -1", on_flags("probe", "--wd", "-1"),
-    "check_numbers has no lower bound for the probe's --wd: AdamW raises ValueError (a traceback) once the "
-    "features are made", ValueError)
-SHOW = "run_show checks none of its numbers: "
+    on_flags("teacher", "--n_targets", "40", "--tgt_scale", "0.5,0.5"))
+add("g5-flags", "probe --wd -1", "--wd -1", on_flags("probe", "--wd", "-1"))
 for flags, error in ((["--n_images", "0"], IndexError), (["--n_images", "-2"], IndexError),
                      (["--seed", "-1"], ValueError)):
-    add("g5-flags", f"show {' '.join(flags)}", flags[0], on_flags("show", *flags),
-        SHOW + f"{error.__name__} traceback", error)
+    add("g5-flags", f"show {' '.join(flags)}", flags[0], on_flags("show", *flags))
 
 
 def show_few_shot(text):
@@ -729,10 +714,8 @@ def show_few_shot(text):
 add("g5-flags", "show few-shot a missing JSON", "no such probe JSON", show_few_shot(None))
 add("g5-flags", "show few-shot a JSON without few-shot results", "no few-shot results",
     show_few_shot('{"results": {"pixels": {"few_shot": {}}}}'))
-add("g5-flags", "show few-shot a file that is not JSON", "p.json", show_few_shot("not json"),
-    "few_shot reads the file with json.load unguarded: JSONDecodeError traceback", ValueError)
-add("g5-flags", "show few-shot a JSON that is not a probe's", "p.json", show_few_shot("[1, 2]"),
-    "few_shot indexes ['results'] unguarded: TypeError traceback", TypeError)
+add("g5-flags", "show few-shot a file that is not JSON", "p.json", show_few_shot("not json"))
+add("g5-flags", "show few-shot a JSON that is not a probe's", "p.json", show_few_shot("[1, 2]"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -843,13 +826,9 @@ def show_out(where):
     return setup
 
 
-SHOW_OUT = "run_show computes the figures, then calls os.makedirs(--out) and saves unguarded: "
-add("g6-out", "show --out a file", "--out", show_out(lambda c: c.out() / "keep.txt"),
-    SHOW_OUT + "FileExistsError traceback", OSError)
-add("g6-out", "show --out read-only", "--out", show_out(lambda c: c.freeze(c.out())),
-    SHOW_OUT + "PermissionError traceback", OSError)
-add("g6-out", "show --out below a file", "--out", show_out(lambda c: c.out() / "keep.txt" / "figs"),
-    SHOW_OUT + "NotADirectoryError traceback", OSError)
+add("g6-out", "show --out a file", "--out", show_out(lambda c: c.out() / "keep.txt"))
+add("g6-out", "show --out read-only", "--out", show_out(lambda c: c.freeze(c.out())))
+add("g6-out", "show --out below a file", "--out", show_out(lambda c: c.out() / "keep.txt" / "figs"))
 
 
 # ------------------------------------------------------------------------------------------------------------
