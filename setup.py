@@ -1,4 +1,5 @@
-"""pip install -e .          installs us_jepa.py (the method), us_data.py (its images), the command line, kernels/
+"""pip install -e .          installs us_jepa.py (the method), us_data.py (its images), us_util.py (plumbing), the
+                          command line, kernels/
 pip install -e ".[test]"  adds pytest, Triton 3.7.1 for the kernel tests under the interpreter, pydicom + decoders
 pip install -e ".[dicom]" adds pydicom + pylibjpeg decoders: `--data` then also reads .dcm files (frames, cines)
 Install torch first (`pip install torch==2.13.0` takes the CPU wheel); an unpinned torch may pull a CUDA build.
@@ -14,7 +15,7 @@ setup(
     name="us-jepa",
     version="0.1.0",
     description="Reference implementation of US-JEPA: SALT-style JEPA pretraining for ultrasound with a frozen teacher",
-    py_modules=["us_jepa", "us_data"],
+    py_modules=["us_jepa", "us_data", "us_util"],
     packages=find_packages(include=["kernels", "kernels.*"]),
     python_requires=">=3.10",
     package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},

@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import warnings
@@ -30,8 +29,8 @@ import show as S
 import us_jepa as U
 from test_hostile_cli import TINY
 from test_hostile_data import FILES, RECORDS, TEST, TRAIN, bench, folder, good, hostile, image_folder_case, rec
+from test_hostile_data import no_hang  # noqa: F401 (an autouse fixture: every case runs under an alarm)
 
-HANG_S = 60
 SMALL = [*TINY, "--img_size", "32", "--patch_size", "8"]  # stage 1 on a data folder: 4 x 4 patches of 8 px
 PROBE = ["probe", "--encoder", "pixels", "--seeds", "1", "--epochs", "2", "--n_train", "20", "--n_val", "10",
          "--n_test", "10"]
@@ -78,18 +77,6 @@ def refused(argv, out, match, capsys, main=U.main):
     after = tree(out)
     assert after == before, {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys()
                              if before.get(k) != after.get(k)}
-
-
-@pytest.fixture(autouse=True)
-def alarm():
-    """A read that blocks (a FIFO opened) or a walk that never ends fails its case, not the suite."""
-    def hung(*_):
-        raise TimeoutError("hung")
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(HANG_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
