@@ -134,6 +134,7 @@ class Ctx:
     def lock(self, folder):
         """folder/.lock held as a running process holds it, until the case ends."""
         fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+        os.ftruncate(fd, 0)  # a copied run holds its own .lock with a pid of any length
         os.pwrite(fd, b"4242", 0)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self.fds.append(fd)
