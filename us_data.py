@@ -839,6 +839,13 @@ class Images:
         if self.rows is not None: return len(self.rows)
         return len(self.files) if self.files else self.d.n_images
 
+    def item(self, i):
+        """Image i's (path, frame) (frame None but in a cine), or (None, i) in the synthetic pool."""
+        if self.rows is not None:
+            path, frame = self.cache.keys[self.rows[i]][:2]
+            return os.path.join(self.d.data, path), frame
+        return self.files[i] if self.files else (None, i)
+
     def name(self, i):
         """What image i is, for a message: its file (and frame), or its index in the synthetic pool."""
         if self.rows is not None:

@@ -15,6 +15,7 @@ Commands:
   python us_jepa.py teacher     # stage 1: train a teacher on built-in synthetic images (or --data)
   python us_jepa.py pretrain    # stage 2: SALT student (trains a teacher first if none is found)
   python us_jepa.py probe       # linear probe: student, teacher, random encoder, pixel features
+  python us_jepa.py embed --data DIR  # frozen features of a folder -> .npz (embed.py)
   python show.py                # figures: the masks on images, PCA of the student's patch features
 Any command takes --help; every config field is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
@@ -31,7 +32,8 @@ from us_util import (require, parse_flags, check_numbers, check_train_flags, che
                      save_atomic, load_file, weights_sha256, claim_out, writable_file,
                      setup_distributed, say, peak_flops, Meter, precision, print_tables,
                      timm_vit_state, run_command, run_folder, clear_run, resumable,
-                     select_kernels, step_flops, mean_std, finish, save_json, process_mean)
+                     select_kernels, step_flops, mean_std, finish, save_json, process_mean,
+                     rankme, summarize, knn_votes, load_run_file, describe)
 
 # --------------------------------------------------------------------------------------------------
 # Config: small dataclasses; the command line is generated from them; stored in every checkpoint.
@@ -64,6 +66,7 @@ class MaskConfig:
     tgt_aspect: tuple = (0.75, 1.5)  # target block height/width (paper)
     ctx_scale: tuple = (0.85, 1.0)  # context block area / image, before targets are removed (paper)
     min_keep: int = 4               # fewest context patches (paper: 10 of 196; we have 36 patches)
+    place: str = "cover"            # corners: cover (ours: all patches as often) | fit (I-JEPA)
     usrc: bool = False              # USrc-JEPA: only patches in the scan fan are context/targets
     tau: int = 2                    # USrc: blocks re-drawn until >= tau valid patches (not stated)
 
@@ -111,7 +114,7 @@ class ProbeConfig:
     lr: float = 1e-3                # AdamW (paper)
     wd: float = 1e-4                # (paper)
     batch_size: int = 32            # (paper)
-    head: str = "linear"            # linear (paper) | attentive (V-JEPA's attentive probe; ours)
+    head: str = "linear"            # linear (paper) | knn (DINO: k=20, T=0.07) | attentive (V-JEPA)
     layers: int = 1                 # features of the last N blocks, mean-pooled, side by side
     fractions: str = ""             # few-shot: % of the training split, e.g. 1,5,10,50,100 (paper)
     corrupt: str = ""               # robustness: also test corrupted images: blur,contrast,speckle
@@ -199,20 +202,23 @@ def block_size(rng, grid, scale, aspect):
     h, w = round(math.sqrt(s * grid * grid * a)), round(math.sqrt(s * grid * grid / a))
     return min(max(h, 1), grid), min(max(w, 1), grid)
 
-def place_block(rng, grid, h, w):
+def place_block(rng, grid, h, w, fit=False):
     """Top-left corner of an h x w block. fix (a)+(d): I-JEPA's randint(0, grid - h) never reaches
-    the last row/column (at 224/16 its 13x13 context is always top-left). Ours is uniform over every
-    corner whose block overlaps the grid, pushed inside: the border is covered like the rest."""
+    the last row/column (at 224/16 its 13x13 context is always top-left). fit: what it meant,
+    uniform over the corners where the block fits. cover (ours): uniform over every corner whose
+    block overlaps the grid, pushed inside, so border patches are covered like the rest."""
+    if fit:
+        return int(rng.integers(0, grid - h + 1)), int(rng.integers(0, grid - w + 1))
     top = min(max(int(rng.integers(-(h - 1), grid)), 0), grid - h)
     left = min(max(int(rng.integers(-(w - 1), grid)), 0), grid - w)
     return top, left
 
-def place_valid(rng, grid, h, w, ok, tau):
-    """The block's `ok` patches (grid, grid) at the first placement covering >= tau of them (USrc;
+def place_valid(rng, grid, h, w, ok, k):
+    """The block's `ok` patches (grid, grid) at the first placement covering >= k.tau of them (USrc;
     without USrc every patch is ok and the first placement is taken)."""
     for _ in range(100):
-        r, c = place_block(rng, grid, h, w)
-        if ok[r:r + h, c:c + w].sum() >= min(tau, h * w):
+        r, c = place_block(rng, grid, h, w, k.place == "fit")
+        if ok[r:r + h, c:c + w].sum() >= min(k.tau, h * w):
             break
     out = np.zeros((grid, grid), bool)
     out[r:r + h, c:c + w] = ok[r:r + h, c:c + w]
@@ -228,8 +234,8 @@ def sample_masks(rng, batch, grid, k, valid=None):
     for b in range(batch):
         ok = np.ones((grid, grid), bool) if valid is None else np.asarray(valid[b])
         for _ in range(100):  # re-place the targets until enough context survives (as I-JEPA)
-            t = np.stack([place_valid(rng, grid, th, tw, ok, k.tau) for _ in range(k.n_targets)])
-            c = place_valid(rng, grid, ch, cw, ok, k.tau) & ~t.any(0)  # disjoint from the targets
+            t = np.stack([place_valid(rng, grid, th, tw, ok, k) for _ in range(k.n_targets)])
+            c = place_valid(rng, grid, ch, cw, ok, k) & ~t.any(0)  # disjoint from the targets
             if c.sum() >= k.min_keep and t.any((1, 2)).all():
                 break
         else:
@@ -458,21 +464,14 @@ class Steps(torch.utils.data.Dataset):
             ctx, tgt = ctx[lo:lo + B], tgt[:, lo:lo + B]
         return img, (ctx, tgt)  # (B, 1, S, S), (B, Kc), (M, B, Kt)
 
-def load_checkpoint(path, ck=None):
-    """A checkpoint of ours, loaded weights_only (us_util.load_file): no pickled code runs. ck: the
-    file's dict when it was loaded already."""
-    ck = load_file(path) if ck is None else ck
-    require({"kind", "config", "model"} <= set(ck), f"{path}: not a us_jepa checkpoint (needs "
-            "'kind', 'config', 'model')")
-    try:  # a stored config that cannot describe a ViT is refused before anything is allocated
-        for config in (ck["config"], ck["teacher"]["config"] if "teacher" in ck else None):
-            if config is not None:  # the types and ranges of the flags that made it
-                model = ModelConfig(**config["model"])
-                check_numbers(model, DataConfig(img_size=config["data"]["img_size"]))
-                require(model.model in ENCODERS, f"--model {model.model}: unknown width")
-    except (TypeError, KeyError, AttributeError, UserError) as e:
-        raise UserError(f"{path}: its stored config cannot describe a ViT ({e})") from None
-    return ck
+def check_stored(config):
+    """A checkpoint's stored config (refused before anything is allocated): the types and ranges
+    of the flags that made its ViT."""
+    model = ModelConfig(**config["model"])
+    check_numbers(model, DataConfig(img_size=config["data"]["img_size"]))
+    require(model.model in ENCODERS, f"--model {model.model}: unknown width")
+
+load_checkpoint = functools.partial(load_run_file, check=check_stored)  # (path[, its dict])
 
 def build_encoder(config, state=None, path="checkpoint"):
     """The ViT a checkpoint's config describes, with its weights (None: random, as initialised)."""
@@ -571,14 +570,7 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
     if rank == 0:  # every check passed: the run takes --out (nothing there changed before this)
         need = 16 * sum(p.numel() for p in params)  # fp32 weights + AdamW's two moments, x2
         r.lock = claim_out(t.out, need)
-    say(f"[{kind}] config: {json.dumps(config_dict(cfg))}")
-    say(f"[{kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
-        f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n_train} train"
-        f" / {len(images) - n_train} held-out images ({d.data or 'synthetic'}); {r.steps} steps of "
-        f"{t.batch_size} on {world} x {device.type} ({said})")
-    if n_train == len(images):
-        say(f"[{kind}] no held-out images (--holdout {d.holdout} of {len(images)}): best.pt is "
-            "simply the last checkpoint")
+    describe(r, config_dict(cfg), said)  # the config, sizes, images, steps, device, precision
     if exists and not t.resume and rank == 0:  # --overwrite, every check passed: the old run goes
         clear_run(t.out)
     return r
@@ -642,27 +634,27 @@ def log_stats(loss, z, world):
 
 @torch.no_grad()
 def evaluate(r):
-    """Held-out loss, fixed masks, no augmentation: comparable across the run (picks best.pt)."""
+    """Held-out loss, fixed masks, no augmentation: comparable across the run (picks best.pt); and
+    RankMe of the held-out images' mean-pooled features (near 1 would be collapse). -> loss, rank"""
     (encoder, head, teacher), k, t = r.models, r.cfg["mask"], r.cfg["train"]
-    rng, total, n = np.random.default_rng([t.seed, 10**9]), 0.0, len(r.images)
-    encoder.eval()
-    head.eval()
+    rng, total, n, feats = np.random.default_rng([t.seed, 10**9]), 0.0, len(r.images), []
+    trained = nn.ModuleList([encoder, head]).eval()  # a view of both: .eval() / .train() set both
     for i in range(r.n_train, n, t.batch_size):
         img, fan = r.images[range(i, min(i + t.batch_size, n))]
         masks = draw_masks(rng, len(img), encoder.grid, k, fan, r.cfg["model"].patch_size)
         ctx, tgt = (x.to(r.device) for x in masks)
         total += r.loss_of(encoder, head, teacher, img.to(r.device), ctx, tgt)[0].item() * len(img)
-    encoder.train()
-    head.train()
-    return total / (n - r.n_train)
+        feats.append(encoder(img.to(r.device)).mean(1).float())  # (b, D) whole images, for RankMe
+    trained.train()
+    return total / (n - r.n_train), rankme(torch.cat(feats))
 
 def save_checkpoint(r, step, loss, log):
     """Rank 0, at eval steps: the held-out loss, last.pt, and best.pt when it is the lowest yet."""
     (encoder, head, teacher), out = r.models, r.cfg["train"].out
     heldout = r.n_train < len(r.images)  # none: best.pt is the last step (said at the start)
-    held = evaluate(r) if heldout else loss.item()  # without them: this step's training loss
+    held, rank = evaluate(r) if heldout else (loss.item(), None)  # without: the step's loss
     what, key = ("held-out", "heldout_loss") if heldout else ("training", "train_loss")
-    log.write(json.dumps({"step": step + 1, key: round(held, 5)}) + "\n")
+    log.write(json.dumps({"step": step + 1, key: round(held, 5), "rankme": rank}) + "\n")
     log.flush()
     is_best = held < r.best or not heldout
     r.best = held if is_best else r.best
@@ -673,7 +665,10 @@ def save_checkpoint(r, step, loss, log):
     if is_best:  # best.pt first: a kill between the two renames leaves last.pt one step older,
         save_atomic(ck, os.path.join(out, "best.pt"))  # which --resume repeats; never a stale best
     save_atomic(ck, os.path.join(out, "last.pt"))
-    say(f"[{r.kind}] step {step + 1}: {what} loss {held:.4f}{' (best)' * is_best}", flush=True)
+    most = min(encoder.dim, len(r.images) - r.n_train)  # RankMe's largest value here
+    ranks = f" | RankMe {rank:.1f} of {most}" if heldout else ""
+    say(f"[{r.kind}] step {step + 1}: {what} loss {held:.4f}{' (best)' * is_best}{ranks}",
+        flush=True)
 
 def train(cfg, kind, teacher=None, teacher_ck=None):
     """Stage 1 (kind='teacher') or 2 ('student') -> --out/{last,best}.pt, log.jsonl. teacher='ema':
@@ -749,12 +744,27 @@ def f1_scores(pred, y, n_classes):
     return (2 * tp / (npred + ntrue).clamp(min=1)).tolist()
 
 def fit_probe(feats, labels, n_classes, seed, p, subset=None):
-    """Train on train features (rows `subset`), early-stop on val loss, score test, test/*/*."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    """A probe on the train features (rows `subset`), scored on test and test/*/* (corrupted)."""
     xtr, ytr = feats["train"], labels["train"]
     if subset is not None:
         xtr, ytr = xtr[subset], ytr[subset]
+    if p.head == "knn":  # nothing trained: every seed gives the same votes
+        head, epochs = functools.partial(knn_votes, xtr, ytr, n_classes), 0
+    else:
+        head, epochs = train_head(xtr, ytr, feats["val"], labels["val"], n_classes, seed, p)
+    with torch.no_grad():
+        pred = head(feats["test"]).argmax(1)
+        corrupted = {k[5:]: sum(f1_scores(head(v).argmax(1), labels["test"], n_classes)) / n_classes
+                     for k, v in feats.items() if k.startswith("test/")}
+    per_class = f1_scores(pred, labels["test"], n_classes)
+    return dict(macro_f1=sum(per_class) / n_classes, per_class_f1=per_class, epochs=epochs,
+                accuracy=(pred == labels["test"]).float().mean().item(), corrupted=corrupted)
+
+def train_head(xtr, ytr, xval, yval, n_classes, seed, p):
+    """The linear (or attentive) head: AdamW, cosine LR, early stopping on the validation loss.
+    -> the head at its best validation loss, epochs run"""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     if xtr.ndim == 3:  # tokens: the attentive probe (ours, beyond the paper)
         head = AttentiveProbe(xtr.shape[2], n_classes, heads=max(1, xtr.shape[2] // 64))
     else:  # the paper's linear probe (MAE's BatchNorm without affine in front)
@@ -777,7 +787,7 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
             sched.step()
         head.eval()
         with torch.no_grad():
-            val = F.cross_entropy(head(feats["val"]), labels["val"]).item()
+            val = F.cross_entropy(head(xval), yval).item()
         if val < best:
             best, best_state, bad = val, {k: v.clone() for k, v in head.state_dict().items()}, 0
         elif (bad := bad + 1) >= p.patience:
@@ -785,13 +795,7 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
     require(best_state is not None, f"probe, seed {seed}: the validation loss was not finite in "
             f"any of {epoch + 1} epochs (NaN or Inf features?)")
     head.load_state_dict(best_state)
-    with torch.no_grad():
-        pred = head(feats["test"]).argmax(1)
-        corrupted = {k[5:]: sum(f1_scores(head(v).argmax(1), labels["test"], n_classes)) / n_classes
-                     for k, v in feats.items() if k.startswith("test/")}
-    per_class = f1_scores(pred, labels["test"], n_classes)
-    return dict(macro_f1=sum(per_class) / n_classes, per_class_f1=per_class, epochs=epoch + 1,
-                accuracy=(pred == labels["test"]).float().mean().item(), corrupted=corrupted)
+    return head, epoch + 1
 
 def check_probe(p):
     """The probe's flags and checkpoint (a stage-1 checkpoint's model is its teacher)."""
@@ -841,13 +845,7 @@ def probe_scores(feats, labels, n_classes, p, fracs):
         subsets = [stratified(labels["train"].numpy(), f, seed) for seed in range(p.seeds)]
         few = [fit_probe(feats, labels, n_classes, seed, p, s) for seed, s in enumerate(subsets)]
         few_shot[f"{f:g}"] = mean_std([r["macro_f1"] for r in few])
-    f1 = torch.tensor([r["macro_f1"] for r in runs])
-    corrupted = {k: mean_std([r["corrupted"][k] for r in runs]) for k in runs[0]["corrupted"]}
-    std = f1.std().item() if len(runs) > 1 else 0.0
-    return dict(macro_f1_mean=f1.mean().item(), macro_f1_std=std,
-                accuracy_mean=float(np.mean([r["accuracy"] for r in runs])),
-                per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
-                corrupted=corrupted, few_shot=few_shot)
+    return summarize(runs, few_shot)
 
 def run_probe(p):
     """`probe`: every encoder, p.seeds seeds; tables and a JSON (show.py few-shot: the curve)."""
@@ -978,6 +976,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         return print("usage:" + __doc__.split("Commands:")[1].rstrip())
+    if argv[0] == "embed":  # the root script embed.py (like show.py), as a command too
+        import embed
+        return embed.main(argv[1:])
     return run_command(f"us_jepa.py {argv[0]}", argv, functools.partial(command, *argv))
 
 def command(cmd, *flags):

@@ -14,6 +14,7 @@ from dataclasses import fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from us_data import UserError
 
@@ -120,6 +121,7 @@ def check_train_flags(d, m, k, t, encoders):
     require(t.batch_size >= 1 and t.steps >= 1, "--batch_size and --steps must be >= 1")
     require(d.every >= 1, f"--every {d.every}: must be >= 1 (1 = every frame of a DICOM cine)")
     require(t.loss in ("smooth_l1", "l1", "l2"), "--loss: smooth_l1 | l1 | l2")
+    require(k.place in ("cover", "fit"), f"--place {k.place}: cover | fit")
     require(t.pix_pool >= 1 and m.patch_size % t.pix_pool == 0, "--pix_pool must divide "
             "--patch_size")
     require(t.resume in ("", "auto", "force"), f"--resume {t.resume}: auto (or a bare --resume) "
@@ -134,8 +136,8 @@ def check_train_flags(d, m, k, t, encoders):
 
 def check_probe_flags(p, corruptions):
     """The probe's flags -> few-shot percentages, corruption kinds, severities."""
-    require(p.head in ("linear", "attentive") and p.layers >= 1,
-            f"--head {p.head} --layers {p.layers}: head linear | attentive, layers >= 1")
+    require(p.head in ("linear", "knn", "attentive") and p.layers >= 1,
+            f"--head {p.head} --layers {p.layers}: head linear | knn | attentive, layers >= 1")
     require(p.encoder in ("student", "teacher", "random", "pixels", "all"),
             f"--encoder {p.encoder}: student | teacher | random | pixels | all")
     require(min(p.seeds, p.epochs, p.patience, p.n_train, p.n_val, p.n_test) >= 1
@@ -209,6 +211,22 @@ def load_file(path):
         raise UserError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
     require(isinstance(ck, dict), f"{path}: not a us_jepa checkpoint (needs 'kind', 'config', "
             "'model')")
+    return ck
+
+
+def load_run_file(path, ck=None, check=None):
+    """A checkpoint of ours (ck: its dict, when load_file read it already); check(config) refuses
+    a stored config (the run's, its teacher's) that cannot describe a ViT, before anything is
+    built."""
+    ck = load_file(path) if ck is None else ck
+    require({"kind", "config", "model"} <= set(ck), f"{path}: not a us_jepa checkpoint (needs "
+            "'kind', 'config', 'model')")
+    try:
+        for config in (ck["config"], ck["teacher"]["config"] if "teacher" in ck else None):
+            if config is not None and check:
+                check(config)
+    except (TypeError, KeyError, AttributeError, UserError) as e:
+        raise UserError(f"{path}: its stored config cannot describe a ViT ({e})") from None
     return ck
 
 
@@ -398,6 +416,20 @@ class Meter:
         return n / s, f"{n / s:.0f} img/s{mfu}"
 
 
+def describe(r, config, said):
+    """The run's first lines: its config, sizes, images, steps, processes, precision."""
+    (encoder, head, _), d, t = r.models, r.cfg["data"], r.cfg["train"]
+    n, held = r.n_train, len(r.images) - r.n_train
+    say(f"[{r.kind}] config: {json.dumps(config)}")
+    say(f"[{r.kind}] {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M encoder + "
+        f"{sum(p.numel() for p in head.parameters()) / 1e6:.2f} M head parameters; {n} train / "
+        f"{held} held-out images ({d.data or 'synthetic'}); {r.steps} steps of {t.batch_size} on "
+        f"{r.world} x {r.device.type} ({said})")
+    if not held:
+        say(f"[{r.kind}] no held-out images (--holdout {d.holdout} of {n}): best.pt is simply the "
+            "last checkpoint")
+
+
 def finish(r, log, meter):
     """The run's last line: steps, time, images/s, peak GPU memory, best held-out loss. -> img/s"""
     if log:
@@ -435,8 +467,38 @@ def precision(device, bf16):
 # --------------------------------------------------------------------------------------------------
 # The probe's numbers and tables.
 
+def knn_votes(xtr, ytr, n_classes, x, k=20, temperature=0.07):
+    """DINO's weighted k-NN on L2-normalised features: the k training images most cosine-similar to
+    each row of x vote for their class with weight exp(similarity / temperature). -> (N, C)"""
+    xtr, out = F.normalize(xtr.flatten(1), dim=1), []
+    for xb in F.normalize(x.flatten(1), dim=1).split(1024):  # (b, D): at most 1024 x Ntr at once
+        sim, idx = (xb @ xtr.T).topk(min(k, len(xtr)), dim=1)  # (b, k) each
+        votes = torch.zeros(len(xb), n_classes)
+        out.append(votes.scatter_add_(1, ytr[idx], (sim / temperature).exp()))
+    return torch.cat(out)
+
+
+def rankme(feats, eps=1e-7):
+    """RankMe (Garrido et al., 2023): the effective rank of (N, D) features, exp of the entropy of
+    their singular values normalised to sum 1; between 1 (collapse) and min(N, D)."""
+    s = torch.linalg.svdvals(feats.double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def mean_std(v):
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(runs, few_shot):
+    """One encoder's probe runs (one per seed) -> its results: means, std, per class, corrupted."""
+    f1 = torch.tensor([r["macro_f1"] for r in runs])
+    corrupted = {k: mean_std([r["corrupted"][k] for r in runs]) for k in runs[0]["corrupted"]}
+    std = f1.std().item() if len(runs) > 1 else 0.0
+    return dict(macro_f1_mean=f1.mean().item(), macro_f1_std=std,
+                accuracy_mean=float(np.mean([r["accuracy"] for r in runs])),
+                per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
+                corrupted=corrupted, few_shot=few_shot)
 
 
 def print_tables(results, classes, seeds):
