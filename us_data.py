@@ -63,11 +63,23 @@ def _outline(rng, kind):
     return g / np.sqrt((g ** 2).mean()) * np.sqrt(r_eq ** 2 - np.pi ** 2 / 3 * edge ** 2), edge
 
 
+def _probe(rng):
+    """Probe geometry: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear (half-aperture w)."""
+    return dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
+                w=rng.uniform(0.75, 1.0))
+
+
+def _system(rng, f, D):
+    """The scanner's settings and the body's attenuation: frequency range f (MHz), depth range D (cm)."""
+    return dict(f=rng.uniform(*f), D=rng.uniform(*D), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
+                aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
+                sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
+                dr=rng.uniform(40, 65), top=rng.uniform(12, 24), gam=rng.uniform(1, 1.6))  # dynamic range, gain, gray map
+
+
 def _draw(rng, kind):
-    """All random parameters of one image (display units; dB for echo levels)."""
-    # Probe: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear (half-aperture w).
-    p = dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
-             w=rng.uniform(0.75, 1.0))
+    """All random parameters of one lesion image (display units; dB for echo levels)."""
+    p = _probe(rng)
     p["R"], p["edge"] = _outline(rng, kind)  # the only label-dependent draws: outline and internal echo texture
     p["het"] = rng.standard_normal((8, 8)) * rng.uniform(*SHAPES[kind][5])  # heterogeneous (malignant) or not
     u, p["cz"] = rng.uniform(-0.45, 0.45), rng.uniform(0.5, 1.35)  # mass centre: beam coordinate u, depth z
@@ -82,10 +94,7 @@ def _draw(rng, kind):
     p["tex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 4)  # low-frequency tissue texture (dB)
     p.update(ccx=rng.uniform(-.7, .7, 2), ccz=rng.uniform(.3, 1.8, 2), ce=rng.uniform(1, 3, 2),  # 0-2 cysts / vessels
              cr=np.where(rng.random(2) < 0.4, rng.uniform(0.03, 0.08, 2), -1.0))
-    p.update(f=rng.uniform(2.5, 7), D=rng.uniform(3, 8), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
-             aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
-             sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
-             dr=rng.uniform(40, 65), top=rng.uniform(12, 24), gam=rng.uniform(1, 1.6))  # dynamic range, gain, gray map
+    p.update(_system(rng, f=(2.5, 7), D=(3, 8)))
     return p
 
 
@@ -113,33 +122,35 @@ def synth_labels(indices, task):
     return [int(i) % len(TASKS[task]) for i in indices]
 
 
-def synth_batch(indices, size=96, seed=0, task="lesion"):
-    """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
-    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
-    names, Z, X = TASKS[task], size, size
-    ps, noise, labels = [], [], []
-    for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
-        rng = np.random.default_rng([seed, len(names), int(i)])
-        labels.append(synth_labels([i], task)[0])
-        ps.append(_draw(rng, names[labels[-1]]))
-        noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
-    B = len(ps)
-    P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
-    # Beam grid -> physical position. Sector: beams fan out from an apex r0*cos(tm) above the image top;
-    # linear: parallel vertical beams. A beam is 2 display units long in both cases (= D cm).
+def _beams(P, Z, X):
+    """Beam grid -> physical position. Sector: beams fan out from an apex r0*cos(tm) above the image top;
+    linear: parallel vertical beams. A beam is 2 display units long in both cases (= D cm).
+    -> t (1, 1, Z, 1) fraction of the imaging depth along a beam; x, z (B, 1, Z, X) lateral, depth."""
     t = torch.linspace(0, 1, Z).view(1, 1, Z, 1)  # fraction of the imaging depth along a beam
     s = torch.linspace(-1, 1, X).view(1, 1, 1, X)  # beam index in [-1, 1]
     sec, r0, tm = P["sector"] > 0, P["r0"], P["tm"]
     r, th = r0 + 2 * t, s * tm  # (B, 1, Z, X) range from the apex, beam angle
     x = torch.where(sec, r * torch.sin(th), P["w"] * s)  # (B, 1, Z, X)
     z = torch.where(sec, r * torch.cos(th) - r0 * torch.cos(tm), 2 * t)  # (B, 1, Z, X)
-    # Tissue layers: wavy boundaries, smooth steps of echogenicity and a bright specular (fascia) line on each.
+    return t, x, z
+
+
+def _layers(P, x, z):
+    """Tissue layers: wavy boundaries, smooth steps of echogenicity and a bright specular (fascia) line on each, plus a
+    smooth low-frequency texture. -> db (B, 1, Z, X) and d (B, K, Z, X) signed depth below each of the K boundaries."""
+    B = x.shape[0]
     d = z - P["lb"] - P["la"] * (torch.sin(P["lf"] * x + P["lp"]) + 0.5 * torch.sin(2.7 * P["lf"] * x + P["lq"]))
-    lv = P["lv"]  # d: (B, 4, Z, X) signed depth below each boundary; lv: (B, 5, 1, 1) layer levels (dB)
+    lv = P["lv"]  # d: (B, K, Z, X) signed depth below each boundary; lv: (B, K + 1, 1, 1) layer levels (dB)
     db = lv[:, :1] + ((lv[:, 1:] - lv[:, :-1]) * torch.sigmoid(d / .01) + P["spec"] * torch.exp(-(d / .012) ** 2)).sum(
         1, keepdim=True)  # (B, 1, Z, X)
     xz = torch.cat([x, z - 1], 1).permute(0, 2, 3, 1)  # (B, Z, X, 2) positions in grid_sample's [-1, 1] units
     db = db + F.grid_sample(P["tex"].view(B, 1, 6, 6), xz, mode="bicubic", align_corners=True)  # smooth texture
+    return db, d
+
+
+def _lesion(P, x, z, db, Z):
+    """The lesion tasks' scene on top of the layers db (B, 1, Z, X): a mass, 0-2 cysts, their posterior effects."""
+    B = x.shape[0]
     # The mass (or pseudo-mass): soft membership from its outline; it replaces the tissue it displaces by a uniform
     # level = that tissue's mean + contrast, so the contrast does not depend on which layer it sits in.
     dx, dz = x - P["cx"], z - P["cz"]
@@ -158,21 +169,51 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
     # changes everything behind it. Normalised by the mass's longest path: posterior dB independent of its height.
     # Fluid barely attenuates: cysts enhance by 40 dB per display unit of path.
     thick = m.sum(2, keepdim=True).amax(3, keepdim=True).clamp(min=1)  # (B, 1, 1, 1) samples
-    db = db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2)  # (B, 1, Z, X)
+    return db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2)  # (B, 1, Z, X)
+
+
+def _scan(P, db, t, noise, size):
+    """The scanner, shared by every task: residual attenuation after TGC, speckle + PSF + log compression (bmode),
+    scan conversion. db (B, 1, Z, X) echo level on the beam grid -> imgs (B, 1, size, size) in [0, 1], fan (bool)."""
+    B = db.shape[0]
     # Tissue attenuation (round trip 2 alpha f depth dB) minus time-gain compensation set for a slightly wrong alpha,
     # plus TGC slider wiggles: a residual, random depth-dependent brightness.
     kk = torch.arange(1, 4.0).view(1, 3, 1, 1)
     db = db - 2 * P["al"] * P["aerr"] * P["f"] * P["D"] * t + (P["tgc"] * torch.cos(math.pi * kk * t)).sum(1, True)
-    env, img = bmode(10 ** (db[:, 0] / 10), torch.stack(noise), P["sa"].view(-1), P["sl"].view(-1),
+    env, img = bmode(10 ** (db[:, 0] / 10), noise, P["sa"].view(-1), P["sl"].view(-1),
                      P["dr"].view(-1), P["top"].view(-1), P["gam"].view(-1))  # (B, Z, X)
-    # Scan conversion: every display pixel looks up its (beam, depth) coordinate; bilinear interpolation.
+    return _convert(P, img[:, None], size)
+
+
+def _convert(P, beams, size):
+    """Scan conversion: every display pixel looks up its (beam, depth) coordinate; bilinear interpolation.
+    beams (B, C, Z, X) on the beam grid -> (B, C, size, size) zero outside the fan, fan (B, 1, size, size) bool."""
+    B = beams.shape[0]
     zd, xd = torch.meshgrid(torch.linspace(0, 2, size), torch.linspace(-1, 1, size), indexing="ij")  # (size, size)
-    r0, tm, w = r0.view(B, 1, 1), tm.view(B, 1, 1), P["w"].view(B, 1, 1)
+    sec, r0, tm, w = (P["sector"] > 0).view(B, 1, 1), P["r0"].view(B, 1, 1), P["tm"].view(B, 1, 1), P["w"].view(B, 1, 1)
     za = zd + r0 * torch.cos(tm)  # (B, size, size) depth below the virtual apex
-    u = torch.where(sec.view(B, 1, 1), torch.atan2(xd, za) / tm, xd / w)  # (B, size, size) beam coordinate
-    v = torch.where(sec.view(B, 1, 1), torch.sqrt(xd ** 2 + za ** 2) - r0 - 1, zd - 1)  # (B, size, size) depth
+    u = torch.where(sec, torch.atan2(xd, za) / tm, xd / w)  # (B, size, size) beam coordinate
+    v = torch.where(sec, torch.sqrt(xd ** 2 + za ** 2) - r0 - 1, zd - 1)  # (B, size, size) depth
     fan = ((u.abs() <= 1) & (v.abs() <= 1))[:, None]  # (B, 1, size, size) inside the field of view
-    imgs = F.grid_sample(img[:, None], torch.stack([u, v], -1), align_corners=True) * fan  # (B, 1, size, size)
+    return F.grid_sample(beams, torch.stack([u, v], -1), align_corners=True) * fan, fan
+
+
+def synth_batch(indices, size=96, seed=0, task="lesion"):
+    """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
+    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
+    names, Z, X = TASKS[task], size, size
+    ps, noise, labels = [], [], []
+    for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
+        rng = np.random.default_rng([seed, len(names), int(i)])
+        labels.append(synth_labels([i], task)[0])
+        ps.append(_draw(rng, names[labels[-1]]))
+        noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
+    B = len(ps)
+    P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
+    t, x, z = _beams(P, Z, X)
+    db, _ = _layers(P, x, z)
+    db = _lesion(P, x, z, db, Z)
+    imgs, fan = _scan(P, db, t, torch.stack(noise), size)
     return imgs, fan, torch.tensor(labels, dtype=torch.int64)
 
 
