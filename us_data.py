@@ -1,7 +1,7 @@
 """Where US-JEPA's images come from: everything before the method sees a pixel. us_jepa.py imports this
 file; this file never imports us_jepa.py.
 
-  synth_batch     built-in synthetic B-mode ultrasound (speckle, PSF, attenuation, scan conversion, lesions)
+  synth_batch     built-in synthetic B-mode ultrasound (speckle, PSF, attenuation, scan conversion; lesions, liver)
   fan_mask        which pixels of a real frame are ultrasound (the scan fan), when no mask file is given
   read_dicom      one frame of a DICOM file (cines frame by frame), colour -> gray, burnt-in colour marked
   load_image      one file or frame -> the model's square grayscale image and its fan mask
@@ -36,9 +36,16 @@ def one_line(text):
 # ----------------------------------------------------------------------------------------------------
 # Built-in synthetic B-mode ultrasound. Nothing can be downloaded at run time, so the demo
 # simulates its own images: speckle from random scatterers, a probe's PSF, attenuation, log compression
-# and scan conversion, with lesions whose shape (not brightness, size or position) carries the label.
+# and scan conversion (one scanner for every task), with lesions whose shape (not brightness, size or
+# position) carries the label (lesion, lesion3), or a liver beside a kidney whose echogenicity relative to the
+# kidney cortex, texture and attenuation carry it (liver: normal or fatty; no level is absolute).
 
-TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"]}
+TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"], "liver": ["normal", "fatty"]}
+STREAM = {"liver": [1]}  # appended to the (seed, classes, index) seed: liver's images are not lesion's streams
+LIVER = {  # the liver task's label-dependent draws: liver minus kidney cortex level (dB, hepatorenal index),
+    #        liver attenuation (dB/cm/MHz), texture correlation (samples) and amplitude (dB)
+    "normal": dict(hri=(-2, 2), alpha=(.45, .6), corr=(1.6, 2.4), amp=(3, 4.5)),
+    "fatty": dict(hri=(5, 10), alpha=(.55, .7), corr=(.4, .8), amp=(3, 4.5))}
 NA = 256  # angular samples of a mass outline R(phi)
 SHAPES = {  # aspect w/h, tilt (rad), lobulation, spicules (n_min, n_max, length), margin width, internal texture (dB)
     "benign": ((1.4, 2.4), (-0.2, 0.2), (0.0, 0.03), (0, 0, 0.0), (0.003, 0.008), (0, 1)),  # oval, circumscribed, wide
@@ -64,7 +71,8 @@ def _outline(rng, kind):
 
 
 def _probe(rng):
-    """Probe geometry: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear (half-aperture w)."""
+    """Probe geometry: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear
+    (half-aperture w)."""
     return dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
                 w=rng.uniform(0.75, 1.0))
 
@@ -74,7 +82,8 @@ def _system(rng, f, D):
     return dict(f=rng.uniform(*f), D=rng.uniform(*D), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
                 aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
                 sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
-                dr=rng.uniform(40, 65), top=rng.uniform(12, 24), gam=rng.uniform(1, 1.6))  # dynamic range, gain, gray map
+                dr=rng.uniform(40, 65), top=rng.uniform(12, 24),  # dynamic range, gain (dB)
+                gam=rng.uniform(1, 1.6))  # gray map
 
 
 def _draw(rng, kind):
@@ -120,6 +129,112 @@ def bmode(echo, noise=None, sig_ax=1.0, sig_lat=1.0, dr_db=50.0, top_db=0.0, gam
 def synth_labels(indices, task):
     """The class of each synthetic image: index modulo the number of classes (balanced classes)."""
     return [int(i) % len(TASKS[task]) for i in indices]
+
+
+def _draw_liver(rng, kind):
+    """All random parameters of one liver image (display units: the image is 2 deep, 2 wide; dB for echo levels).
+    Only the first four draws depend on the label. Levels are relative to the kidney cortex's (kc); the gain is
+    set later on the organs' mean, so no level is absolute."""
+    c = LIVER[kind]
+    p = dict(hri=rng.uniform(*c["hri"]), alv=rng.uniform(*c["alpha"]), corr=rng.uniform(*c["corr"]),
+             amp=rng.uniform(*c["amp"]))
+    p.update(_probe(rng))
+    # Abdominal wall: skin, subcutaneous fat, muscle; the third boundary is the peritoneum / liver capsule.
+    p.update(lb=np.sort(rng.uniform([.02, .07, .16], [.05, .2, .4])), la=rng.uniform(0, [.02, .04, .06]),
+             lf=rng.uniform(1, 5, 3), lp=rng.uniform(0, 7, 3), lq=rng.uniform(0, 7, 3),
+             spec=rng.uniform([2, 0, 4], [8, 6, 12]), lv=rng.uniform([-2, -16, -10, 0], [4, -8, -2, 0]))
+    p["tex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 3)  # low-frequency shading (dB): the wall's
+    p["otex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 3)  # and the organs'
+    # Kidney: an ellipse (centre anywhere, even partly out of view, so that no part of the image is more often
+    # kidney than another; semi-axes, tilt), cortex ring, medullary pyramids, a lobulated bright sinus. Radius and
+    # pyramid tables over NA angles, as the lesion outline.
+    ka, phi = rng.uniform(.4, .75), np.linspace(-np.pi, np.pi, NA, endpoint=False)
+    p.update(kx=rng.uniform(-1.1, 1.1), kz=rng.uniform(.35, 2), ka=ka, kb=ka * rng.uniform(.4, .6),
+             kt=rng.uniform(-.5, .5), kc=rng.uniform(-3, 3), kcor=rng.uniform(.7, .8))
+    lob = rng.standard_normal((3, 1)) * .07 * np.cos(np.arange(2, 5)[:, None] * phi + rng.uniform(0, 7, (3, 1)))
+    p.update(krs=rng.uniform(.35, .48) * (1 + lob.sum(0)),  # sinus radius R(phi), in units of the capsule's
+             kpy=1 / (1 + np.exp(-4 * np.cos(rng.integers(5, 9) * phi + rng.uniform(0, 7)))),  # pyramids vs columns
+             ksl=rng.uniform(7, 13), kml=rng.uniform(-12, -6), kcap=rng.uniform(4, 10))  # sinus, medulla, fat (dB)
+    # Vessels: up to 4 straight anechoic tubes (hepatic / portal veins) with echogenic walls; some absent.
+    p.update(vx=rng.uniform(-.8, .8, 4), vz=rng.uniform(.4, 1.7, 4), va=rng.uniform(0, np.pi, 4),
+             vl=rng.uniform(0, .3, 4), vr=np.where(rng.random(4) < .75, rng.uniform(.025, .07, 4), -1.0),
+             vw=rng.uniform(4, 10))
+    # Diaphragm: a bright curved line deep in the image (or below it), dim lung reverberation beyond it.
+    p.update(dz=rng.uniform(1.55, 2.5), dx=rng.uniform(-1, 1), dc=rng.uniform(.1, .4), dsp=rng.uniform(10, 16),
+             lung=rng.uniform(-14, -6))
+    # The TGC turned up by a fraction kap of the liver's extra attenuation; receiver noise snr dB below the liver
+    # at the bottom of the image had the liver the body's attenuation.
+    p.update(kap=rng.uniform(.6, 1), snr=rng.uniform(5, 20))
+    p.update(_system(rng, f=(2, 5), D=(12, 18)))  # abdominal probe: 2-5 MHz, 12-18 cm deep
+    return p
+
+
+def _smooth(noise, sigma):
+    """White noise (B, 1, Z, X) smoothed by a separable Gaussian of per-image sigma (B,) samples, unit variance."""
+    B, _, Z, X = noise.shape
+    k = torch.exp(-0.5 * (torch.arange(-7, 8.0) / sigma.view(B, 1)) ** 2)  # (B, 15)
+    k = k / k.norm(dim=1, keepdim=True)
+    g = F.conv2d(noise.view(1, B, Z, X), k.view(B, 1, 15, 1), padding=(7, 0), groups=B)
+    return F.conv2d(g, k.view(B, 1, 1, 15), padding=(0, 7), groups=B).view(B, 1, Z, X)
+
+
+def _liver(P, x, z, t, db, d, tnoise):
+    """The liver task's scene below the abdominal wall db (B, 1, Z, X) (d: depth below its boundaries): liver
+    parenchyma, kidney, vessels, diaphragm; attenuation, receiver noise, gain. -> db, regions (B, 2, Z, X): the
+    liver's and the kidney cortex's soft masks."""
+    B, Z = x.shape[0], x.shape[2]
+    org = torch.sigmoid(d[:, -1:] / .01)  # below the liver capsule
+    o = P["kc"] + P["hri"] + P["amp"] * _smooth(tnoise, P["corr"].view(-1))  # parenchyma: level and texture
+    # Diaphragm and lung.
+    dd = z - P["dz"] - P["dc"] * (x - P["dx"]) ** 2
+    below = torch.sigmoid(dd / .01)
+    o = o + below * (P["kc"] + P["lung"] - o)
+    o = o + torch.exp(-(dd / .015) ** 2) * (P["kc"] + P["dsp"] - o)
+    # Kidney: elliptic radius rho (1 at the capsule), angle phi around its centre.
+    ct, st = torch.cos(P["kt"]), torch.sin(P["kt"])
+    ex, ez = ((x - P["kx"]) * ct + (z - P["kz"]) * st) / P["ka"], ((z - P["kz"]) * ct - (x - P["kx"]) * st) / P["kb"]
+    rho = torch.hypot(ex, ez)
+    idx = ((torch.atan2(ez, ex) + math.pi) * (NA / (2 * math.pi))).long().clamp(max=NA - 1).view(B, -1)
+    rs, pyr = (torch.gather(P[k].view(B, NA), 1, idx).view_as(rho) for k in ("krs", "kpy"))
+    kin = torch.sigmoid((1 - rho) / .03)
+    pyr = pyr * torch.sigmoid((rho - rs) / .04) * torch.sigmoid((P["kcor"] - rho) / .03)  # medulla
+    kid = P["kc"] + torch.sigmoid((rs - rho) / .04) * P["ksl"] + pyr * P["kml"]
+    o = o + torch.exp(-((rho - 1.06) / .05) ** 2) * (P["kc"] + P["kcap"] - o)  # perirenal fat: a bright rim
+    o = o + kin * (kid - o)
+    cortex = org * kin * torch.sigmoid((rho - P["kcor"]) / .03)  # the reference tissue (hepatorenal index)
+    # Vessels: signed distance to the nearest tube (< 0 inside), on a beam grid of half the samples (a distance
+    # field is smooth: bilinear upsampling keeps it; the cost is in the 4 tubes); fluid inside, echogenic wall.
+    _, xh, zh = _beams(P, (Z + 1) // 2, (x.shape[3] + 1) // 2)
+    ca, sa = torch.cos(P["va"]), torch.sin(P["va"])  # (B, 4, 1, 1) tube directions
+    u = xh * ca + zh * sa - (P["vx"] * ca + P["vz"] * sa)  # (B, 4, Z/2, X/2) along the tube, from its centre
+    v = zh * ca - xh * sa - (P["vz"] * ca - P["vx"] * sa)  # across it
+    dist = (torch.hypot(u - torch.clamp(u, -P["vl"], P["vl"]), v) - P["vr"]).amin(1, keepdim=True)
+    dist = F.interpolate(dist, size=x.shape[2:], mode="bilinear", align_corners=True)  # (B, 1, Z, X)
+    inliver = (1 - kin) * (1 - below)
+    fluid = torch.sigmoid(-dist / .006) * inliver
+    wall = torch.exp(-(dist / .012) ** 2) * inliver
+    o = o + wall * (P["kc"] + P["vw"] - o)
+    o = o + fluid * (P["kc"] - 40 - o)
+    # Levels relative to the organs: the mean of the liver and kidney tissue is -8 dB, and the wall's levels
+    # are drawn relative to it; low-frequency shading on top.
+    tissue = org * (1 - fluid) * (1 - below)
+    mean = lambda v: (v * tissue).sum((2, 3), keepdim=True) / tissue.sum((2, 3), keepdim=True).clamp(min=1)
+    xz = torch.cat([x, z - 1], 1).permute(0, 2, 3, 1)  # (B, Z, X, 2) positions in grid_sample's [-1, 1] units
+    o = o - mean(o) - 8 + F.grid_sample(P["otex"].view(B, 1, 6, 6), xz, mode="bicubic", align_corners=True)
+    db = db + org * (o - db)
+    # Attenuation beyond the body's alpha al (which _scan's TGC compensates, up to its error): the liver's own
+    # alpha (the label's), and a third of al in fluid (posterior enhancement); accumulated along each beam, round
+    # trip. The operator turns the TGC up by a fraction kap of the liver's excess, the same at a depth on every beam.
+    liver = org * inliver * (1 - fluid)
+    fD = 2 * P["f"] * P["D"]  # round-trip dB per dB/cm/MHz over the whole depth
+    tgc = P["kap"] * (P["alv"] - P["al"]) * fD * t
+    db = db - torch.cumsum((liver * (P["alv"] - P["al"]) - org * fluid * P["al"] / 3) * (fD / (Z - 1)), 2) + tgc
+    # Receiver noise, amplified by the whole TGC: snr dB below the liver at the image's bottom had the liver the
+    # body's attenuation. Where it attenuates more, the far field, deep vessels and the diaphragm sink into it.
+    noise = -8 - P["snr"] + P["al"] * fD * (t - 1) + tgc
+    db = torch.logaddexp(db * (math.log(10) / 10), noise * (math.log(10) / 10)) * (10 / math.log(10))
+    # Auto gain: the displayed organs' mean level is -8 dB again (the random gain `top` follows, in _scan).
+    return db - mean(db) - 8, torch.cat([liver, cortex], 1)
 
 
 def _beams(P, Z, X):
@@ -169,7 +284,7 @@ def _lesion(P, x, z, db, Z):
     # changes everything behind it. Normalised by the mass's longest path: posterior dB independent of its height.
     # Fluid barely attenuates: cysts enhance by 40 dB per display unit of path.
     thick = m.sum(2, keepdim=True).amax(3, keepdim=True).clamp(min=1)  # (B, 1, 1, 1) samples
-    return db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2)  # (B, 1, Z, X)
+    return db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2), m  # (B, 1, Z, X) each
 
 
 def _scan(P, db, t, noise, size):
@@ -198,23 +313,42 @@ def _convert(P, beams, size):
     return F.grid_sample(beams, torch.stack([u, v], -1), align_corners=True) * fan, fan
 
 
-def synth_batch(indices, size=96, seed=0, task="lesion"):
+def synth_batch(indices, size=96, seed=0, task="lesion", parts=False):
     """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
-    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
-    names, Z, X = TASKS[task], size, size
+    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch.
+    parts=True adds a 4th: {name: (B, 1, size, size) soft membership} of the scene's regions (lesion: mass;
+    liver: liver, cortex). task "a+b" (e.g. "lesion3+liver", a mixed pool): image i is image i of task i mod 2."""
+    if "+" in task:
+        tasks, indices = task.split("+"), [int(i) for i in indices]
+        out = [torch.zeros(len(indices), 1, size, size), torch.zeros(len(indices), 1, size, size, dtype=torch.bool),
+               torch.zeros(len(indices), dtype=torch.int64)]
+        for j, sub in enumerate(tasks):
+            rows = [r for r, i in enumerate(indices) if i % len(tasks) == j]
+            if rows:
+                for o, v in zip(out, synth_batch([indices[r] for r in rows], size, seed, sub)):
+                    o[rows] = v
+        return tuple(out)
+    names, Z, X, liver = TASKS[task], size, size, task == "liver"
     ps, noise, labels = [], [], []
     for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
-        rng = np.random.default_rng([seed, len(names), int(i)])
+        rng = np.random.default_rng([seed, len(names), int(i), *STREAM.get(task, [])])
         labels.append(synth_labels([i], task)[0])
-        ps.append(_draw(rng, names[labels[-1]]))
-        noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
-    B = len(ps)
+        ps.append((_draw_liver if liver else _draw)(rng, names[labels[-1]]))
+        noise.append(torch.from_numpy(rng.standard_normal((2 + liver, Z, X), dtype=np.float32)))  # speckle (+ texture)
+    B, noise = len(ps), torch.stack(noise)
     P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
     t, x, z = _beams(P, Z, X)
-    db, _ = _layers(P, x, z)
-    db = _lesion(P, x, z, db, Z)
-    imgs, fan = _scan(P, db, t, torch.stack(noise), size)
-    return imgs, fan, torch.tensor(labels, dtype=torch.int64)
+    db, d = _layers(P, x, z)
+    if liver:
+        db, regions = _liver(P, x, z, t, db, d, noise[:, 2:])
+    else:
+        db, regions = _lesion(P, x, z, db, Z)
+    imgs, fan = _scan(P, db, t, noise[:, :2], size)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if not parts:
+        return imgs, fan, labels
+    regions = _convert(P, regions, size)[0]
+    return imgs, fan, labels, {n: regions[:, i:i + 1] for i, n in enumerate(["liver", "cortex"] if liver else ["mass"])}
 
 
 # ----------------------------------------------------------------------------------------------------
