@@ -290,7 +290,6 @@ def _lesion(P, x, z, db, Z):
 def _scan(P, db, t, noise, size):
     """The scanner, shared by every task: residual attenuation after TGC, speckle + PSF + log compression (bmode),
     scan conversion. db (B, 1, Z, X) echo level on the beam grid -> imgs (B, 1, size, size) in [0, 1], fan (bool)."""
-    B = db.shape[0]
     # Tissue attenuation (round trip 2 alpha f depth dB) minus time-gain compensation set for a slightly wrong alpha,
     # plus TGC slider wiggles: a residual, random depth-dependent brightness.
     kk = torch.arange(1, 4.0).view(1, 3, 1, 1)
@@ -317,7 +316,8 @@ def synth_batch(indices, size=96, seed=0, task="lesion", parts=False):
     """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
     labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch.
     parts=True adds a 4th: {name: (B, 1, size, size) soft membership} of the scene's regions (lesion: mass;
-    liver: liver, cortex). task "a+b" (e.g. "lesion3+liver", a mixed pool): image i is image i of task i mod 2."""
+    liver: liver, cortex). task "a+b+..." (a mixed pool, e.g. "lesion3+liver"; not a probe task): image i is image i
+    of the (i mod k)-th of the k tasks, with that task's label."""
     if "+" in task:
         tasks, indices = task.split("+"), [int(i) for i in indices]
         out = [torch.zeros(len(indices), 1, size, size), torch.zeros(len(indices), 1, size, size, dtype=torch.bool),
