@@ -1,7 +1,7 @@
 """Where US-JEPA's images come from: everything before the method sees a pixel. us_jepa.py imports this
 file; this file never imports us_jepa.py.
 
-  synth_batch     built-in synthetic B-mode ultrasound (speckle, PSF, attenuation, scan conversion, lesions)
+  synth_batch     built-in synthetic B-mode ultrasound (speckle, PSF, attenuation, scan conversion; lesions, liver)
   fan_mask        which pixels of a real frame are ultrasound (the scan fan), when no mask file is given
   read_dicom      one frame of a DICOM file (cines frame by frame), colour -> gray, burnt-in colour marked
   load_image      one file or frame -> the model's square grayscale image and its fan mask
@@ -36,9 +36,16 @@ def one_line(text):
 # ----------------------------------------------------------------------------------------------------
 # Built-in synthetic B-mode ultrasound. Nothing can be downloaded at run time, so the demo
 # simulates its own images: speckle from random scatterers, a probe's PSF, attenuation, log compression
-# and scan conversion, with lesions whose shape (not brightness, size or position) carries the label.
+# and scan conversion (one scanner for every task), with lesions whose shape (not brightness, size or
+# position) carries the label (lesion, lesion3), or a liver beside a kidney whose echogenicity relative to the
+# kidney cortex, texture and attenuation carry it (liver: normal or fatty; no level is absolute).
 
-TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"]}
+TASKS = {"lesion": ["benign", "malignant"], "lesion3": ["normal", "benign", "malignant"], "liver": ["normal", "fatty"]}
+STREAM = {"liver": [1]}  # appended to the (seed, classes, index) seed: liver's images are not lesion's streams
+LIVER = {  # the liver task's label-dependent draws: liver minus kidney cortex level (dB, hepatorenal index),
+    #        liver attenuation (dB/cm/MHz), texture correlation (samples) and amplitude (dB)
+    "normal": dict(hri=(-2, 2), alpha=(.45, .6), corr=(1.6, 2.4), amp=(3, 4.5)),
+    "fatty": dict(hri=(5, 10), alpha=(.55, .7), corr=(.4, .8), amp=(3, 4.5))}
 NA = 256  # angular samples of a mass outline R(phi)
 SHAPES = {  # aspect w/h, tilt (rad), lobulation, spicules (n_min, n_max, length), margin width, internal texture (dB)
     "benign": ((1.4, 2.4), (-0.2, 0.2), (0.0, 0.03), (0, 0, 0.0), (0.003, 0.008), (0, 1)),  # oval, circumscribed, wide
@@ -63,11 +70,25 @@ def _outline(rng, kind):
     return g / np.sqrt((g ** 2).mean()) * np.sqrt(r_eq ** 2 - np.pi ** 2 / 3 * edge ** 2), edge
 
 
+def _probe(rng):
+    """Probe geometry: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear
+    (half-aperture w)."""
+    return dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
+                w=rng.uniform(0.75, 1.0))
+
+
+def _system(rng, f, D):
+    """The scanner's settings and the body's attenuation: frequency range f (MHz), depth range D (cm)."""
+    return dict(f=rng.uniform(*f), D=rng.uniform(*D), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
+                aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
+                sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
+                dr=rng.uniform(40, 65), top=rng.uniform(12, 24),  # dynamic range, gain (dB)
+                gam=rng.uniform(1, 1.6))  # gray map
+
+
 def _draw(rng, kind):
-    """All random parameters of one image (display units; dB for echo levels)."""
-    # Probe: sector (apex distance r0: phased ~0, curvilinear ~1; half-angle tm) or linear (half-aperture w).
-    p = dict(sector=float(rng.random() < 0.5), r0=rng.uniform(0.02, 1.0), tm=rng.uniform(0.45, 0.75),
-             w=rng.uniform(0.75, 1.0))
+    """All random parameters of one lesion image (display units; dB for echo levels)."""
+    p = _probe(rng)
     p["R"], p["edge"] = _outline(rng, kind)  # the only label-dependent draws: outline and internal echo texture
     p["het"] = rng.standard_normal((8, 8)) * rng.uniform(*SHAPES[kind][5])  # heterogeneous (malignant) or not
     u, p["cz"] = rng.uniform(-0.45, 0.45), rng.uniform(0.5, 1.35)  # mass centre: beam coordinate u, depth z
@@ -82,10 +103,7 @@ def _draw(rng, kind):
     p["tex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 4)  # low-frequency tissue texture (dB)
     p.update(ccx=rng.uniform(-.7, .7, 2), ccz=rng.uniform(.3, 1.8, 2), ce=rng.uniform(1, 3, 2),  # 0-2 cysts / vessels
              cr=np.where(rng.random(2) < 0.4, rng.uniform(0.03, 0.08, 2), -1.0))
-    p.update(f=rng.uniform(2.5, 7), D=rng.uniform(3, 8), al=rng.uniform(.4, .7),  # MHz, depth cm, dB/cm/MHz
-             aerr=rng.uniform(-.2, .2), tgc=rng.uniform(-2, 2, 3),  # TGC: relative alpha error, slider wiggles (dB)
-             sa=rng.uniform(.5, 1.1), sl=rng.uniform(.6, 1.4),  # PSF sigmas: axial (samples), lateral (beams)
-             dr=rng.uniform(40, 65), top=rng.uniform(12, 24), gam=rng.uniform(1, 1.6))  # dynamic range, gain, gray map
+    p.update(_system(rng, f=(2.5, 7), D=(3, 8)))
     return p
 
 
@@ -113,33 +131,141 @@ def synth_labels(indices, task):
     return [int(i) % len(TASKS[task]) for i in indices]
 
 
-def synth_batch(indices, size=96, seed=0, task="lesion"):
-    """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
-    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch."""
-    names, Z, X = TASKS[task], size, size
-    ps, noise, labels = [], [], []
-    for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
-        rng = np.random.default_rng([seed, len(names), int(i)])
-        labels.append(synth_labels([i], task)[0])
-        ps.append(_draw(rng, names[labels[-1]]))
-        noise.append(torch.from_numpy(rng.standard_normal((2, Z, X), dtype=np.float32)))
-    B = len(ps)
-    P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
-    # Beam grid -> physical position. Sector: beams fan out from an apex r0*cos(tm) above the image top;
-    # linear: parallel vertical beams. A beam is 2 display units long in both cases (= D cm).
+def _draw_liver(rng, kind):
+    """All random parameters of one liver image (display units: the image is 2 deep, 2 wide; dB for echo levels).
+    Only the first four draws depend on the label. Levels are relative to the kidney cortex's (kc); the gain is
+    set later on the organs' mean, so no level is absolute."""
+    c = LIVER[kind]
+    p = dict(hri=rng.uniform(*c["hri"]), alv=rng.uniform(*c["alpha"]), corr=rng.uniform(*c["corr"]),
+             amp=rng.uniform(*c["amp"]))
+    p.update(_probe(rng))
+    # Abdominal wall: skin, subcutaneous fat, muscle; the third boundary is the peritoneum / liver capsule.
+    p.update(lb=np.sort(rng.uniform([.02, .07, .16], [.05, .2, .4])), la=rng.uniform(0, [.02, .04, .06]),
+             lf=rng.uniform(1, 5, 3), lp=rng.uniform(0, 7, 3), lq=rng.uniform(0, 7, 3),
+             spec=rng.uniform([2, 0, 4], [8, 6, 12]), lv=rng.uniform([-2, -16, -10, 0], [4, -8, -2, 0]))
+    p["tex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 3)  # low-frequency shading (dB): the wall's
+    p["otex"] = rng.standard_normal((6, 6)) * rng.uniform(1, 3)  # and the organs'
+    # Kidney: an ellipse (centre anywhere, even partly out of view, so that no part of the image is more often
+    # kidney than another; semi-axes, tilt), cortex ring, medullary pyramids, a lobulated bright sinus. Radius and
+    # pyramid tables over NA angles, as the lesion outline.
+    ka, phi = rng.uniform(.4, .75), np.linspace(-np.pi, np.pi, NA, endpoint=False)
+    p.update(kx=rng.uniform(-1.1, 1.1), kz=rng.uniform(.35, 2), ka=ka, kb=ka * rng.uniform(.4, .6),
+             kt=rng.uniform(-.5, .5), kc=rng.uniform(-3, 3), kcor=rng.uniform(.7, .8))
+    lob = rng.standard_normal((3, 1)) * .07 * np.cos(np.arange(2, 5)[:, None] * phi + rng.uniform(0, 7, (3, 1)))
+    p.update(krs=rng.uniform(.35, .48) * (1 + lob.sum(0)),  # sinus radius R(phi), in units of the capsule's
+             kpy=1 / (1 + np.exp(-4 * np.cos(rng.integers(5, 9) * phi + rng.uniform(0, 7)))),  # pyramids vs columns
+             ksl=rng.uniform(7, 13), kml=rng.uniform(-12, -6), kcap=rng.uniform(4, 10))  # sinus, medulla, fat (dB)
+    # Vessels: up to 4 straight anechoic tubes (hepatic / portal veins) with echogenic walls; some absent.
+    p.update(vx=rng.uniform(-.8, .8, 4), vz=rng.uniform(.4, 1.7, 4), va=rng.uniform(0, np.pi, 4),
+             vl=rng.uniform(0, .3, 4), vr=np.where(rng.random(4) < .75, rng.uniform(.025, .07, 4), -1.0),
+             vw=rng.uniform(4, 10))
+    # Diaphragm: a bright curved line deep in the image (or below it), dim lung reverberation beyond it.
+    p.update(dz=rng.uniform(1.55, 2.5), dx=rng.uniform(-1, 1), dc=rng.uniform(.1, .4), dsp=rng.uniform(10, 16),
+             lung=rng.uniform(-14, -6))
+    # The TGC turned up by a fraction kap of the liver's extra attenuation; receiver noise snr dB below the liver
+    # at the bottom of the image had the liver the body's attenuation.
+    p.update(kap=rng.uniform(.6, 1), snr=rng.uniform(5, 20))
+    p.update(_system(rng, f=(2, 5), D=(12, 18)))  # abdominal probe: 2-5 MHz, 12-18 cm deep
+    return p
+
+
+def _smooth(noise, sigma):
+    """White noise (B, 1, Z, X) smoothed by a separable Gaussian of per-image sigma (B,) samples, unit variance."""
+    B, _, Z, X = noise.shape
+    k = torch.exp(-0.5 * (torch.arange(-7, 8.0) / sigma.view(B, 1)) ** 2)  # (B, 15)
+    k = k / k.norm(dim=1, keepdim=True)
+    g = F.conv2d(noise.view(1, B, Z, X), k.view(B, 1, 15, 1), padding=(7, 0), groups=B)
+    return F.conv2d(g, k.view(B, 1, 1, 15), padding=(0, 7), groups=B).view(B, 1, Z, X)
+
+
+def _liver(P, x, z, t, db, d, tnoise):
+    """The liver task's scene below the abdominal wall db (B, 1, Z, X) (d: depth below its boundaries): liver
+    parenchyma, kidney, vessels, diaphragm; attenuation, receiver noise, gain. -> db, regions (B, 2, Z, X): the
+    liver's and the kidney cortex's soft masks."""
+    B, Z = x.shape[0], x.shape[2]
+    org = torch.sigmoid(d[:, -1:] / .01)  # below the liver capsule
+    o = P["kc"] + P["hri"] + P["amp"] * _smooth(tnoise, P["corr"].view(-1))  # parenchyma: level and texture
+    # Diaphragm and lung.
+    dd = z - P["dz"] - P["dc"] * (x - P["dx"]) ** 2
+    below = torch.sigmoid(dd / .01)
+    o = o + below * (P["kc"] + P["lung"] - o)
+    o = o + torch.exp(-(dd / .015) ** 2) * (P["kc"] + P["dsp"] - o)
+    # Kidney: elliptic radius rho (1 at the capsule), angle phi around its centre.
+    ct, st = torch.cos(P["kt"]), torch.sin(P["kt"])
+    ex, ez = ((x - P["kx"]) * ct + (z - P["kz"]) * st) / P["ka"], ((z - P["kz"]) * ct - (x - P["kx"]) * st) / P["kb"]
+    rho = torch.hypot(ex, ez)
+    idx = ((torch.atan2(ez, ex) + math.pi) * (NA / (2 * math.pi))).long().clamp(max=NA - 1).view(B, -1)
+    rs, pyr = (torch.gather(P[k].view(B, NA), 1, idx).view_as(rho) for k in ("krs", "kpy"))
+    kin = torch.sigmoid((1 - rho) / .03)
+    pyr = pyr * torch.sigmoid((rho - rs) / .04) * torch.sigmoid((P["kcor"] - rho) / .03)  # medulla
+    kid = P["kc"] + torch.sigmoid((rs - rho) / .04) * P["ksl"] + pyr * P["kml"]
+    o = o + torch.exp(-((rho - 1.06) / .05) ** 2) * (P["kc"] + P["kcap"] - o)  # perirenal fat: a bright rim
+    o = o + kin * (kid - o)
+    cortex = org * kin * torch.sigmoid((rho - P["kcor"]) / .03)  # the reference tissue (hepatorenal index)
+    # Vessels: signed distance to the nearest tube (< 0 inside), on a beam grid of half the samples (a distance
+    # field is smooth: bilinear upsampling keeps it; the cost is in the 4 tubes); fluid inside, echogenic wall.
+    _, xh, zh = _beams(P, (Z + 1) // 2, (x.shape[3] + 1) // 2)
+    ca, sa = torch.cos(P["va"]), torch.sin(P["va"])  # (B, 4, 1, 1) tube directions
+    u = xh * ca + zh * sa - (P["vx"] * ca + P["vz"] * sa)  # (B, 4, Z/2, X/2) along the tube, from its centre
+    v = zh * ca - xh * sa - (P["vz"] * ca - P["vx"] * sa)  # across it
+    dist = (torch.hypot(u - torch.clamp(u, -P["vl"], P["vl"]), v) - P["vr"]).amin(1, keepdim=True)
+    dist = F.interpolate(dist, size=x.shape[2:], mode="bilinear", align_corners=True)  # (B, 1, Z, X)
+    inliver = (1 - kin) * (1 - below)
+    fluid = torch.sigmoid(-dist / .006) * inliver
+    wall = torch.exp(-(dist / .012) ** 2) * inliver
+    o = o + wall * (P["kc"] + P["vw"] - o)
+    o = o + fluid * (P["kc"] - 40 - o)
+    # Levels relative to the organs: the mean of the liver and kidney tissue is -8 dB, and the wall's levels
+    # are drawn relative to it; low-frequency shading on top.
+    tissue = org * (1 - fluid) * (1 - below)
+    mean = lambda v: (v * tissue).sum((2, 3), keepdim=True) / tissue.sum((2, 3), keepdim=True).clamp(min=1)
+    xz = torch.cat([x, z - 1], 1).permute(0, 2, 3, 1)  # (B, Z, X, 2) positions in grid_sample's [-1, 1] units
+    o = o - mean(o) - 8 + F.grid_sample(P["otex"].view(B, 1, 6, 6), xz, mode="bicubic", align_corners=True)
+    db = db + org * (o - db)
+    # Attenuation beyond the body's alpha al (which _scan's TGC compensates, up to its error): the liver's own
+    # alpha (the label's), and a third of al in fluid (posterior enhancement); accumulated along each beam, round
+    # trip. The operator turns the TGC up by a fraction kap of the liver's excess, the same at a depth on every beam.
+    liver = org * inliver * (1 - fluid)
+    fD = 2 * P["f"] * P["D"]  # round-trip dB per dB/cm/MHz over the whole depth
+    tgc = P["kap"] * (P["alv"] - P["al"]) * fD * t
+    db = db - torch.cumsum((liver * (P["alv"] - P["al"]) - org * fluid * P["al"] / 3) * (fD / (Z - 1)), 2) + tgc
+    # Receiver noise, amplified by the whole TGC: snr dB below the liver at the image's bottom had the liver the
+    # body's attenuation. Where it attenuates more, the far field, deep vessels and the diaphragm sink into it.
+    noise = -8 - P["snr"] + P["al"] * fD * (t - 1) + tgc
+    db = torch.logaddexp(db * (math.log(10) / 10), noise * (math.log(10) / 10)) * (10 / math.log(10))
+    # Auto gain: the displayed organs' mean level is -8 dB again (the random gain `top` follows, in _scan).
+    return db - mean(db) - 8, torch.cat([liver, cortex], 1)
+
+
+def _beams(P, Z, X):
+    """Beam grid -> physical position. Sector: beams fan out from an apex r0*cos(tm) above the image top;
+    linear: parallel vertical beams. A beam is 2 display units long in both cases (= D cm).
+    -> t (1, 1, Z, 1) fraction of the imaging depth along a beam; x, z (B, 1, Z, X) lateral, depth."""
     t = torch.linspace(0, 1, Z).view(1, 1, Z, 1)  # fraction of the imaging depth along a beam
     s = torch.linspace(-1, 1, X).view(1, 1, 1, X)  # beam index in [-1, 1]
     sec, r0, tm = P["sector"] > 0, P["r0"], P["tm"]
     r, th = r0 + 2 * t, s * tm  # (B, 1, Z, X) range from the apex, beam angle
     x = torch.where(sec, r * torch.sin(th), P["w"] * s)  # (B, 1, Z, X)
     z = torch.where(sec, r * torch.cos(th) - r0 * torch.cos(tm), 2 * t)  # (B, 1, Z, X)
-    # Tissue layers: wavy boundaries, smooth steps of echogenicity and a bright specular (fascia) line on each.
+    return t, x, z
+
+
+def _layers(P, x, z):
+    """Tissue layers: wavy boundaries, smooth steps of echogenicity and a bright specular (fascia) line on each, plus a
+    smooth low-frequency texture. -> db (B, 1, Z, X) and d (B, K, Z, X) signed depth below each of the K boundaries."""
+    B = x.shape[0]
     d = z - P["lb"] - P["la"] * (torch.sin(P["lf"] * x + P["lp"]) + 0.5 * torch.sin(2.7 * P["lf"] * x + P["lq"]))
-    lv = P["lv"]  # d: (B, 4, Z, X) signed depth below each boundary; lv: (B, 5, 1, 1) layer levels (dB)
+    lv = P["lv"]  # d: (B, K, Z, X) signed depth below each boundary; lv: (B, K + 1, 1, 1) layer levels (dB)
     db = lv[:, :1] + ((lv[:, 1:] - lv[:, :-1]) * torch.sigmoid(d / .01) + P["spec"] * torch.exp(-(d / .012) ** 2)).sum(
         1, keepdim=True)  # (B, 1, Z, X)
     xz = torch.cat([x, z - 1], 1).permute(0, 2, 3, 1)  # (B, Z, X, 2) positions in grid_sample's [-1, 1] units
     db = db + F.grid_sample(P["tex"].view(B, 1, 6, 6), xz, mode="bicubic", align_corners=True)  # smooth texture
+    return db, d
+
+
+def _lesion(P, x, z, db, Z):
+    """The lesion tasks' scene on top of the layers db (B, 1, Z, X): a mass, 0-2 cysts, their posterior effects."""
+    B = x.shape[0]
     # The mass (or pseudo-mass): soft membership from its outline; it replaces the tissue it displaces by a uniform
     # level = that tissue's mean + contrast, so the contrast does not depend on which layer it sits in.
     dx, dz = x - P["cx"], z - P["cz"]
@@ -158,22 +284,71 @@ def synth_batch(indices, size=96, seed=0, task="lesion"):
     # changes everything behind it. Normalised by the mass's longest path: posterior dB independent of its height.
     # Fluid barely attenuates: cysts enhance by 40 dB per display unit of path.
     thick = m.sum(2, keepdim=True).amax(3, keepdim=True).clamp(min=1)  # (B, 1, 1, 1) samples
-    db = db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2)  # (B, 1, Z, X)
+    return db + torch.cumsum(m * P["post"] / thick + mc * 40 * 2 / Z, dim=2), m  # (B, 1, Z, X) each
+
+
+def _scan(P, db, t, noise, size):
+    """The scanner, shared by every task: residual attenuation after TGC, speckle + PSF + log compression (bmode),
+    scan conversion. db (B, 1, Z, X) echo level on the beam grid -> imgs (B, 1, size, size) in [0, 1], fan (bool)."""
     # Tissue attenuation (round trip 2 alpha f depth dB) minus time-gain compensation set for a slightly wrong alpha,
     # plus TGC slider wiggles: a residual, random depth-dependent brightness.
     kk = torch.arange(1, 4.0).view(1, 3, 1, 1)
     db = db - 2 * P["al"] * P["aerr"] * P["f"] * P["D"] * t + (P["tgc"] * torch.cos(math.pi * kk * t)).sum(1, True)
-    env, img = bmode(10 ** (db[:, 0] / 10), torch.stack(noise), P["sa"].view(-1), P["sl"].view(-1),
+    env, img = bmode(10 ** (db[:, 0] / 10), noise, P["sa"].view(-1), P["sl"].view(-1),
                      P["dr"].view(-1), P["top"].view(-1), P["gam"].view(-1))  # (B, Z, X)
-    # Scan conversion: every display pixel looks up its (beam, depth) coordinate; bilinear interpolation.
+    return _convert(P, img[:, None], size)
+
+
+def _convert(P, beams, size):
+    """Scan conversion: every display pixel looks up its (beam, depth) coordinate; bilinear interpolation.
+    beams (B, C, Z, X) on the beam grid -> (B, C, size, size) zero outside the fan, fan (B, 1, size, size) bool."""
+    B = beams.shape[0]
     zd, xd = torch.meshgrid(torch.linspace(0, 2, size), torch.linspace(-1, 1, size), indexing="ij")  # (size, size)
-    r0, tm, w = r0.view(B, 1, 1), tm.view(B, 1, 1), P["w"].view(B, 1, 1)
+    sec, r0, tm, w = (P["sector"] > 0).view(B, 1, 1), P["r0"].view(B, 1, 1), P["tm"].view(B, 1, 1), P["w"].view(B, 1, 1)
     za = zd + r0 * torch.cos(tm)  # (B, size, size) depth below the virtual apex
-    u = torch.where(sec.view(B, 1, 1), torch.atan2(xd, za) / tm, xd / w)  # (B, size, size) beam coordinate
-    v = torch.where(sec.view(B, 1, 1), torch.sqrt(xd ** 2 + za ** 2) - r0 - 1, zd - 1)  # (B, size, size) depth
+    u = torch.where(sec, torch.atan2(xd, za) / tm, xd / w)  # (B, size, size) beam coordinate
+    v = torch.where(sec, torch.sqrt(xd ** 2 + za ** 2) - r0 - 1, zd - 1)  # (B, size, size) depth
     fan = ((u.abs() <= 1) & (v.abs() <= 1))[:, None]  # (B, 1, size, size) inside the field of view
-    imgs = F.grid_sample(img[:, None], torch.stack([u, v], -1), align_corners=True) * fan  # (B, 1, size, size)
-    return imgs, fan, torch.tensor(labels, dtype=torch.int64)
+    return F.grid_sample(beams, torch.stack([u, v], -1), align_corners=True) * fan, fan
+
+
+def synth_batch(indices, size=96, seed=0, task="lesion", parts=False):
+    """Returns imgs float32 (B, 1, size, size) in [0, 1], fan bool (B, 1, size, size) (valid ultrasound pixels),
+    labels int64 (B,). Deterministic per (seed, task, index): the same index gives the same image whatever batch.
+    parts=True adds a 4th: {name: (B, 1, size, size) soft membership} of the scene's regions (lesion: mass;
+    liver: liver, cortex). task "a+b+..." (a mixed pool, e.g. "lesion3+liver"; not a probe task): image i is image i
+    of the (i mod k)-th of the k tasks, with that task's label."""
+    if "+" in task:
+        tasks, indices = task.split("+"), [int(i) for i in indices]
+        out = [torch.zeros(len(indices), 1, size, size), torch.zeros(len(indices), 1, size, size, dtype=torch.bool),
+               torch.zeros(len(indices), dtype=torch.int64)]
+        for j, sub in enumerate(tasks):
+            rows = [r for r, i in enumerate(indices) if i % len(tasks) == j]
+            if rows:
+                for o, v in zip(out, synth_batch([indices[r] for r in rows], size, seed, sub)):
+                    o[rows] = v
+        return tuple(out)
+    names, Z, X, liver = TASKS[task], size, size, task == "liver"
+    ps, noise, labels = [], [], []
+    for i in indices:  # per-image parameters and speckle from a generator seeded by (seed, task, index)
+        rng = np.random.default_rng([seed, len(names), int(i), *STREAM.get(task, [])])
+        labels.append(synth_labels([i], task)[0])
+        ps.append((_draw_liver if liver else _draw)(rng, names[labels[-1]]))
+        noise.append(torch.from_numpy(rng.standard_normal((2 + liver, Z, X), dtype=np.float32)))  # speckle (+ texture)
+    B, noise = len(ps), torch.stack(noise)
+    P = {k: torch.tensor(np.array([p[k] for p in ps]), dtype=torch.float32).view(B, -1, 1, 1) for k in ps[0]}
+    t, x, z = _beams(P, Z, X)
+    db, d = _layers(P, x, z)
+    if liver:
+        db, regions = _liver(P, x, z, t, db, d, noise[:, 2:])
+    else:
+        db, regions = _lesion(P, x, z, db, Z)
+    imgs, fan = _scan(P, db, t, noise[:, :2], size)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if not parts:
+        return imgs, fan, labels
+    regions = _convert(P, regions, size)[0]
+    return imgs, fan, labels, {n: regions[:, i:i + 1] for i, n in enumerate(["liver", "cortex"] if liver else ["mass"])}
 
 
 # ----------------------------------------------------------------------------------------------------
