@@ -104,7 +104,7 @@ class ProbeConfig:
     ckpt: str = "runs/pretrain/best.pt"  # checkpoint written by pretrain (or teacher)
     encoder: str = "all"            # student | teacher | random | pixels | all
     data: str = ""                  # ImageFolder or UltraBench folder; "" = built-in synthetic task
-    task: str = "lesion"            # built-in: lesion (benign/malignant) | lesion3 (+ normal)
+    task: str = "lesion"            # built-in: lesion (benign/malignant) | lesion3 | liver (fatty)
     n_train: int = 1500             # synthetic task sizes (ignored with --data)
     n_val: int = 300
     n_test: int = 600

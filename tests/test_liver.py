@@ -5,7 +5,6 @@ import importlib.util
 import subprocess
 import types
 
-import numpy as np
 import pytest
 import torch
 
