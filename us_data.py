@@ -983,20 +983,24 @@ def _commit(folder, names, index):
 
 
 class Images:
-    """The pretraining images by index: generated (synthetic: unlabeled images of all three lesion3 classes, seeds
-    apart from the probes'; deterministic per index) or read from files. With the cache (default) they are
-    preprocessed once and sliced from memory-mapped arrays; with --cache off made on demand as they are drawn.
+    """The pretraining images by index: generated (synthetic: unlabeled images of --pool, by default all
+    three lesion3 classes, seeds apart from the probes'; deterministic per index) or read from files. With
+    the cache (default) they are preprocessed once and sliced from memory-mapped arrays; with --cache off
+    made on demand as they are drawn.
     Nothing is held in memory, so a corpus of any size works and DataLoader workers can build any batch."""
     def __init__(self, d, seed, min_side=16, say=print):
         self.d, self.seed, self.cache, self.files, self.rows = d, seed, None, None, None
+        self.pool = getattr(d, "pool", "lesion3")  # the synthetic pool's task(s) (configs before --pool: lesion3)
+        if not d.data and not set(self.pool.split("+")) <= set(TASKS):
+            raise UserError(f"--pool {self.pool}: one of {list(TASKS)} or several joined by +, e.g. lesion3+liver")
         if d.cache == "off":
             self.files = usable(find_images(d.data, d.every), d.max_bad, min_side) if d.data else None
             return
         if not d.data:
-            params = dict(side=d.img_size, n=d.n_images, seed=1000 + seed, task="lesion3")
-            folder = cache_folder(d.cache, "synthetic", "lesion3", params)
+            params = dict(side=d.img_size, n=d.n_images, seed=1000 + seed, task=self.pool)
+            folder = cache_folder(d.cache, "synthetic", self.pool, params)
             self.cache = open_cache(folder, params, list(range(d.n_images)), list(range(d.n_images)),
-                                    (1000 + seed, "lesion3"), say=say)
+                                    (1000 + seed, self.pool), say=say)
             return
         root = os.path.realpath(d.data)
         params = dict(side=d.img_size, root=root, every=d.every)
@@ -1034,7 +1038,7 @@ class Images:
         idx, S = [int(i) for i in idx], self.d.img_size
         if self.cache is not None:
             return self.cache.get(idx if self.rows is None else self.rows[idx])
-        if self.files is None: imgs, fans, _ = synth_batch(idx, S, 1000 + self.seed, "lesion3")
+        if self.files is None: imgs, fans, _ = synth_batch(idx, S, 1000 + self.seed, self.pool)
         else:
             pairs = [load_image(path, S, frame=frame) for path, frame in (self.files[i] for i in idx)]
             imgs, fans = torch.stack([a for a, _ in pairs]), torch.stack([f for _, f in pairs])  # (B, 1, S, S) each

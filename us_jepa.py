@@ -44,6 +44,7 @@ class DataConfig:
     every: int = 1                  # multi-frame DICOM cines: keep every n-th frame
     img_size: int = 96              # model input size in pixels (paper: 224)
     n_images: int = 6000            # size of the synthetic pretraining pool (ignored with --data)
+    pool: str = "lesion3"           # its images: lesion3 | liver | lesion3+liver (alternating)
     holdout: float = 0.05           # share of images held out to pick best.pt (paper D.1: 5 %)
     crop_scale: tuple = (0.6, 1.0)  # RandomResizedCrop area range (paper)
     augment: bool = True            # flips, blur, speckle, contrast (paper; strengths are ours)

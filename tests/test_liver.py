@@ -117,3 +117,18 @@ def test_trivial_features_stay_near_chance():
     labels = {s: v.labels for s, v in data.items()}
     f1 = U.fit_probe(feats, labels, len(classes), 0, p)["macro_f1"]
     assert f1 <= 0.65, f1
+
+
+def test_a_mixed_pretraining_pool(tmp_path, capsys):
+    """--pool lesion3+liver: the pretraining images alternate between the two simulators, cached like any pool;
+    an unknown pool is one line."""
+    from types import SimpleNamespace
+    d = SimpleNamespace(data="", cache=str(tmp_path / "c"), img_size=64, every=1, max_bad=0.01, n_images=6,
+                        pool="lesion3+liver")
+    imgs, _ = D.Images(d, 0)[range(6)]
+    want, _, _ = D.synth_batch(range(6), 64, 1000, "lesion3+liver")
+    assert torch.equal(imgs, (want * 255).round() / 255)  # stored 8-bit
+    assert not torch.equal(imgs, D.Images(SimpleNamespace(**{**vars(d), "pool": "lesion3"}), 0)[range(6)][0])
+    with pytest.raises(SystemExit):
+        U.main(["teacher", "--pool", "liver+bogus", "--out", str(tmp_path / "o")])
+    assert "--pool liver+bogus: one of" in capsys.readouterr().err and not (tmp_path / "o").exists()
