@@ -19,7 +19,7 @@ import torch
 
 import us_jepa as U
 from us_data import Images
-from us_util import require, check_numbers, run_command, writable_file, unique_path
+from us_util import require, check_numbers, run_command, writable_file, unique_path, save_atomic
 
 
 @dataclass
@@ -36,12 +36,16 @@ class EmbedConfig:
     threads: int = 0                # torch CPU threads, 0 = torch's default
 
 
+def write_npz(arrays, path):
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a path
+        np.savez(f, **arrays)
+
+
 def run_embed(e):
     """The encoder's features of every image below --data -> one .npz (never overwritten: -1, -2, ...)."""
     check_numbers(e)
     require(e.data and os.path.isdir(e.data), f"--data {e.data!r}: no such directory")
     require(e.encoder in ("student", "teacher"), f"--encoder {e.encoder}: student | teacher")
-    require(e.batch_size >= 1 and e.max_bad <= 1, "--batch_size >= 1, --max_bad in [0, 1]")
     require(not e.out or e.out.endswith(".npz"), f"--out {e.out}: a .npz path")
     torch.set_num_threads(e.threads or torch.get_num_threads())
     ck = U.load_checkpoint(e.ckpt)
@@ -69,9 +73,7 @@ def run_embed(e):
         found["classes"] = np.array(sorted({r[0] for r in rel}))
         found["labels"] = np.searchsorted(found["classes"], [r[0] for r in rel])
     out = unique_path(out)
-    with open(out + ".tmp", "wb") as f:  # written whole, then renamed: never half a file
-        np.savez(f, **found)
-    os.replace(out + ".tmp", out)
+    save_atomic(found, out, write_npz)  # written whole, then renamed: never half a file
     labelled = f", {len(found['classes'])} classes" if "classes" in found else ""
     print(f"[embed] {len(items)} images -> {out}: features {found['features'].shape}{labelled}")
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import us_jepa as U
-from us_util import require, unique_path, check_numbers, run_command
+from us_util import require, unique_path, check_numbers, run_command, make_folder
 from us_data import UserError, synth_batch
 
 
@@ -33,11 +33,7 @@ def run_show(s):
     from PIL import Image
     check_numbers(s)
     require(s.n_images <= 64, f"--n_images {s.n_images}: at most 64 images fit a figure")
-    try:  # where the figures go is checked before they are computed
-        os.makedirs(s.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {s.out}: {e.strerror}") from None
-    require(os.access(s.out, os.W_OK), f"--out {s.out}: not a writable folder")
+    require(make_folder(s.out, s.out), f"--out {s.out}: not a writable folder")  # before drawing
     ck = U.load_checkpoint(s.ckpt)
     vit = U.build_encoder(ck["config"], ck["model"], s.ckpt).eval()
     S, p, g, n = vit.grid * vit.patch_size, vit.patch_size, vit.grid, s.n_images

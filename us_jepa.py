@@ -643,9 +643,9 @@ def evaluate(r):
     for i in range(r.n_train, n, t.batch_size):
         img, fan = r.images[range(i, min(i + t.batch_size, n))]
         masks = draw_masks(rng, len(img), encoder.grid, k, fan, r.cfg["model"].patch_size)
-        ctx, tgt = (x.to(r.device) for x in masks)
-        total += r.loss_of(encoder, head, teacher, img.to(r.device), ctx, tgt)[0].item() * len(img)
-        feats.append(encoder(img.to(r.device)).mean(1).float())  # (b, D) whole images, for RankMe
+        img, ctx, tgt = (x.to(r.device) for x in (img, *masks))
+        total += r.loss_of(encoder, head, teacher, img, ctx, tgt)[0].item() * len(img)
+        feats.append(encode(encoder, img).float())  # (b, D) whole images, for RankMe
     trained.train()
     return total / (n - r.n_train), rankme(torch.cat(feats))
 

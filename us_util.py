@@ -179,15 +179,17 @@ def run_command(prog, argv, fn):
 # --------------------------------------------------------------------------------------------------
 # Files: checkpoints and results are written whole, never overwritten by surprise, read safely.
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def save_atomic(obj, path, write=None):
+    """write(obj, a temporary file), then rename it to `path`: a crash never leaves a half-written
+    checkpoint or result. write: torch.save (None: checkpoints), or a JSON / .npz writer."""
     try:
-        torch.save(obj, path + ".tmp")
+        (write or torch.save)(obj, path + ".tmp")
         os.replace(path + ".tmp", path)
-    except OSError as e:  # a full disk: no .tmp left behind, the previous checkpoint kept
+    except OSError as e:  # a full disk: no .tmp left behind, a previous file at `path` kept
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise UserError(f"{path}: cannot write ({e.strerror}); the previous one is kept") from None
+        said = f"{path}: cannot write ({e.strerror}); nothing there was replaced"
+        raise UserError(said) from None
 
 
 def unique_path(path):
@@ -324,13 +326,19 @@ def resumable(out, kind, config, keep, sha, force, load):
     return path, ck, changes
 
 
-def writable_file(out):
-    """A result file's folder made and writable (checked before the work, not after it)."""
+def make_folder(folder, name):
+    """folder made (one line naming --out `name` if it cannot be) -> may this process write there?
+    Checked before the work, not after it."""
     try:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out {out}: {e.strerror}") from None
-    require(os.access(os.path.dirname(out) or ".", os.W_OK) and not os.path.isdir(out),
+        raise UserError(f"--out {name}: {e.strerror}") from None
+    return os.access(folder, os.W_OK)
+
+
+def writable_file(out):
+    """A result file's folder made and writable, and the file not a folder."""
+    require(make_folder(os.path.dirname(out) or ".", out) and not os.path.isdir(out),
             f"--out {out}: not a writable file path")
 
 # --------------------------------------------------------------------------------------------------
@@ -448,10 +456,12 @@ def finish(r, log, meter):
 
 
 def save_json(obj, path):
-    """obj as JSON at `path`, or at path-1, path-2, ... when it exists. -> the path written"""
+    """obj as JSON at `path`, or at path-1, ... when it exists; written whole. -> its path"""
+    def write(o, tmp):
+        with open(tmp, "w") as f:
+            json.dump(o, f, indent=1)
     path = unique_path(path)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    save_atomic(obj, path, write)
     return path
 
 
