@@ -20,7 +20,7 @@ Commands:
 Any command takes --help; every config field is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
 """
 import copy, functools, json, math, os, sys, time, types
-from dataclasses import dataclass, fields, asdict
+from dataclasses import dataclass, fields, asdict, replace
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from us_util import (require, parse_flags, check_numbers, check_train_flags, che
                      setup_distributed, say, peak_flops, Meter, precision, print_tables,
                      timm_vit_state, run_command, run_folder, clear_run, resumable,
                      select_kernels, step_flops, mean_std, finish, save_json, process_mean,
-                     rankme, summarize, knn_votes, load_run_file, describe)
+                     rankme, summarize, knn_votes, load_run_file, describe, probe_tasks)
 
 # --------------------------------------------------------------------------------------------------
 # Config: small dataclasses; the command line is generated from them; stored in every checkpoint.
@@ -105,7 +105,7 @@ class ProbeConfig:
     ckpt: str = "runs/pretrain/best.pt"  # checkpoint written by pretrain (or teacher)
     encoder: str = "all"            # student | teacher | random | pixels | all
     data: str = ""                  # ImageFolder or UltraBench folder; "" = built-in synthetic task
-    task: str = "lesion"            # built-in: lesion (benign/malignant) | lesion3 | liver (fatty)
+    task: str = "lesion,liver"      # built-in, comma-separated: lesion | lesion3 | liver (fatty)
     n_train: int = 1500             # synthetic task sizes (ignored with --data)
     n_val: int = 300
     n_test: int = 600
@@ -989,8 +989,9 @@ def command(cmd, *flags):
     section = cfg.get("train") or cfg[cmd]
     require(section.threads >= 0, f"--threads {section.threads}: must be >= 0")
     torch.set_num_threads(section.threads or torch.get_num_threads())
-    if cmd == "probe":
-        return run_probe(cfg["probe"])
+    if cmd == "probe":  # each task (default: lesion shape and liver echotexture), one JSON each
+        p = cfg["probe"]
+        return {p.data or t: run_probe(replace(p, task=t)) for t in probe_tasks(p)}
     check_train_flags(*(cfg[s] for s in ("data", "model", "mask", "train")), ENCODERS)
     return train(cfg, "teacher") if cmd == "teacher" else run_pretrain(cfg)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from us_data import UserError
+from us_data import UserError, TASKS
 
 
 def require(ok, message):
@@ -157,6 +157,16 @@ def check_probe_flags(p, corruptions):
     check_numbers(p)
     return fracs, kinds, sev
 
+
+def probe_tasks(p):
+    """--task's built-in tasks (one with --data: the folder is the task), all checked before any
+    runs; --out names one file, so it takes one task."""
+    tasks = [p.task] if p.data else p.task.split(",")
+    bad = [t for t in tasks if t not in TASKS] if not p.data else []
+    require(not bad, f"--task {bad[0] if bad else ''}: choose one of {list(TASKS)}")
+    require(len(tasks) == 1 or not p.out, f"--out {p.out} names one file: give one --task, not "
+            f"{p.task}")
+    return tasks
 
 def run_command(prog, argv, fn):
     """fn() with bad input as one line and exit code 2 (--debug: the traceback), Ctrl-C as one

@@ -44,7 +44,7 @@ def test_knn_uses_l2_normalised_features_and_k():
 
 def test_probe_with_the_knn_head(tmp_path, capsys):
     argv = ["probe", "--encoder", "pixels", "--head", "knn", "--n_train", "120", "--n_val", "30", "--n_test",
-            "60", "--seeds", "2", "--out", str(tmp_path / "knn.json")]
+            "60", "--seeds", "2", "--task", "lesion", "--out", str(tmp_path / "knn.json")]
     U.main(argv)
     res = json.load(open(tmp_path / "knn.json"))["results"]["pixels"]
     assert res["runs"][0]["epochs"] == 0 and res["macro_f1_std"] == 0.0  # nothing trained: seeds agree

@@ -121,8 +121,8 @@ PROBE_FLAGS = [
 
 @pytest.mark.parametrize("flags,match", PROBE_FLAGS, ids=[" ".join(f) for f, _ in PROBE_FLAGS])
 def test_bad_probe_flags(tmp_path, capsys, flags, match):
-    refused(["probe", "--encoder", "pixels", "--out", str(tmp_path / "p.json"), *flags], capsys, match,
-            tmp_path)
+    refused(["probe", "--encoder", "pixels", "--task", "lesion", "--out", str(tmp_path / "p.json"), *flags], capsys,
+            match, tmp_path)
 
 
 RESUME = [  # a flag that changes which run this is: refused, the flag named
@@ -148,8 +148,9 @@ def test_outputs_that_cannot_be_written(tmp_path, capsys):
     refused(["teacher", *TINY, "--out", str(f)], capsys, "--out")  # --out is a file
     refused(["teacher", *TINY, "--out", str(f / "sub")], capsys, "--out")  # below a file
     # probe: where the JSON goes is checked before the probe runs (its results would be lost)
-    refused(["probe", "--encoder", "pixels", "--out", str(f / "p.json")], capsys, "--out")
-    refused(["probe", "--encoder", "pixels", "--out", str(tmp_path)], capsys, "not a writable file path")
+    refused(["probe", "--encoder", "pixels", "--task", "lesion", "--out", str(f / "p.json")], capsys, "--out")
+    refused(["probe", "--encoder", "pixels", "--task", "lesion", "--out", str(tmp_path)], capsys,
+            "not a writable file path")
 
 
 def test_a_second_run_into_a_locked_out_is_refused(tmp_path, capsys):
@@ -199,8 +200,8 @@ def test_a_checkpoint_with_a_nonsense_config_is_refused(tmp_path, capsys, model,
     import torch
     path = tmp_path / "odd.pt"
     torch.save({"kind": "student", "config": {"data": data, "model": model}, "model": {}}, path)
-    refused(["probe", "--ckpt", str(path), "--encoder", "student", "--out", str(tmp_path / "p.json")],
-            capsys, "its stored config cannot describe a ViT")
+    refused(["probe", "--ckpt", str(path), "--encoder", "student", "--task", "lesion", "--out",
+             str(tmp_path / "p.json")], capsys, "its stored config cannot describe a ViT")
 
 
 def test_a_full_disk_leaves_no_tmp_and_keeps_the_checkpoint(tmp_path, monkeypatch):

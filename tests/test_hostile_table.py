@@ -33,7 +33,7 @@ from test_hostile_data import no_hang  # noqa: F401 (an autouse fixture: every c
 
 SMALL = [*TINY, "--img_size", "32", "--patch_size", "8"]  # stage 1 on a data folder: 4 x 4 patches of 8 px
 PROBE = ["probe", "--encoder", "pixels", "--seeds", "1", "--epochs", "2", "--n_train", "20", "--n_val", "10",
-         "--n_test", "10"]
+         "--n_test", "10", "--task", "lesion"]  # one task: --out names one file
 QUIET = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)  # hidden by default
 
 
@@ -677,6 +677,9 @@ FLAGS = [  # (command, flags, what the line says)
     ("probe", ["--preset", "paper"], "unrecognized arguments: --preset paper"),
     ("probe", ["--sev", "9"], "unrecognized arguments: --sev 9"),
     ("probe", ["--task", ""], "--task : choose one of"),
+    ("probe", ["--task", "liver,thyroid"], "--task thyroid: choose one of"),  # before liver runs
+    ("probe", ["--task", "lesion,"], "--task : choose one of"),
+    ("probe", ["--task", "lesion,liver"], "names one file: give one --task"),  # --out is given
     ("show", ["--ov"], "unrecognized arguments: --ov"),
     ("show", ["--n_images", "x"], "--n_images: cannot read 'x' as int"),
 ]

@@ -44,7 +44,7 @@ def test_probe_few_shot_and_robustness_tables(tmp_path, capsys):
     out = tmp_path / "p.json"
     U.main(["probe", "--encoder", "pixels", "--n_train", "60", "--n_val", "20", "--n_test", "40", "--seeds", "2",
             "--epochs", "5", "--fractions", "10,100", "--corrupt", "blur,speckle", "--severity", "1,2",
-            "--out", str(out)])
+            "--task", "lesion", "--out", str(out)])
     text = capsys.readouterr().out
     assert "few-shot macro-F1" in text and "robustness macro-F1" in text
     r = json.loads(out.read_text())["results"]["pixels"]
@@ -168,7 +168,7 @@ def test_multi_layer_features_and_attentive_probe(student_ckpt, tmp_path):
         out = tmp_path / f"{head}.json"
         U.main(["probe", "--ckpt", student_ckpt, "--encoder", "student", "--head", head, "--layers", str(layers),
                 "--n_train", "40", "--n_val", "20", "--n_test", "20", "--seeds", "1", "--epochs", "3",
-                "--out", str(out)])
+                "--task", "lesion", "--out", str(out)])
         r = json.loads(out.read_text())
         assert r["config"]["head"] == head and 0 <= r["results"]["student"]["macro_f1_mean"] <= 1
     with pytest.raises(SystemExit):

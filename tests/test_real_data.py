@@ -42,7 +42,7 @@ def test_probe_imagefolder(tmp_path, with_val):
     res = U.main(["probe", "--encoder", "pixels", "--data", str(root), "--seeds", "1", "--epochs", "5",
                   "--out", str(tmp_path / "r.json")])
     out = json.load(open(tmp_path / "r.json"))
-    assert out["classes"] == ["benign", "malignant"] and "pixels" in res
+    assert out["classes"] == ["benign", "malignant"] and "pixels" in res[str(root)]  # results by task
     assert len(out["results"]["pixels"]["runs"]) == 1
 
 

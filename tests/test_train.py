@@ -74,11 +74,18 @@ def test_end_to_end_teacher_pretrain_probe(tmp_path, monkeypatch, capsys):
     assert {"step", "loss", "lr", "img_s", "feat_std"} <= set(log[-2]) and any("heldout_loss" in r for r in log)
     U.main(["probe", "--n_train", "60", "--n_val", "30", "--n_test", "40", "--seeds", "2", "--epochs", "20"])
     res = json.load(open(tmp_path / "runs/pretrain/probe_lesion.json"))
-    assert set(res["results"]) == {"student", "teacher", "random", "pixels"}
-    for r in res["results"].values():
+    liver = json.load(open(tmp_path / "runs/pretrain/probe_liver.json"))  # no --task: both kinds
+    assert res["config"]["task"] == "lesion" and liver["config"]["task"] == "liver"
+    assert liver["classes"] == ["normal", "fatty"]
+    for r in (*res["results"].values(), *liver["results"].values()):
         assert 0 <= r["macro_f1_mean"] <= 1 and len(r["runs"]) == 2
-    U.main(["probe", "--encoder", "pixels", "--n_train", "60", "--n_val", "30", "--n_test", "40", "--seeds", "1"])
+    assert set(res["results"]) == set(liver["results"]) == {"student", "teacher", "random", "pixels"}
+    out = capsys.readouterr().out
+    assert "[probe] lesion:" in out and "[probe] liver:" in out
+    U.main(["probe", "--encoder", "pixels", "--n_train", "60", "--n_val", "30", "--n_test", "40", "--seeds", "1",
+            "--task", "lesion"])
     assert (tmp_path / "runs/pretrain/probe_lesion-1.json").exists()  # the first result was kept
+    assert not (tmp_path / "runs/pretrain/probe_liver-1.json").exists()  # --task lesion: that one
     assert json.load(open(tmp_path / "runs/pretrain/probe_lesion.json")) == res
 
 
