@@ -14,7 +14,7 @@ files, locks, processes) from us_util.py, figures from show.py.
 Commands:
   python us_jepa.py teacher     # stage 1: train a teacher on built-in synthetic images (or --data)
   python us_jepa.py pretrain    # stage 2: SALT student (trains a teacher first if none is found)
-  python us_jepa.py probe       # linear probe: student, teacher, random encoder, pixel features
+  python us_jepa.py probe       # linear probe of student, teacher, random, pixels: lesion, liver
   python us_jepa.py embed --data DIR  # frozen features of a folder -> .npz (embed.py)
   python show.py                # figures: the masks on images, PCA of the student's patch features
 Any command takes --help; every config field is a flag (--batch_size 64, --tgt_scale 0.15,0.25).
