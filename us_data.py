@@ -1279,3 +1279,30 @@ def _inside(root, where, key, rel):
         raise UserError(f'{where}: "{key}" {rel} is not inside {root} '
                         "(paths are relative to the dataset folder)")
     return os.path.normpath(os.path.join(root, rel))
+
+
+# Test-time corruptions of probe images (the paper's robustness protocol; `probe --corrupt`).
+
+CORRUPTIONS = ("blur", "contrast", "speckle")
+
+
+def blur(x, eps):
+    """Separable Gaussian blur of (N, 1, S, S): sigma = eps, 2*floor(2 eps) + 1 taps."""
+    r = int(2 * eps)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / eps) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(x, k.view(1, 1, -1, 1))
+
+
+def corrupt(imgs, fans, kind, eps, seed=0):
+    """The paper's test-time corruptions (method notes 7) of (N, 1, S, S) images in [0, 1]."""
+    if kind == "blur":
+        x = blur(imgs, eps)
+    elif kind == "contrast":  # toward the median inside the fan: alpha 0.7, 0.5, 0.3
+        m = torch.stack([x[f].median() if f.any() else x.median() for x, f in zip(imgs, fans)])
+        x = m.view(-1, 1, 1, 1) + (0.9 - 0.2 * eps) * (imgs - m.view(-1, 1, 1, 1))
+    else:  # correlated multiplicative speckle: eta ~ N(0, (0.35 eps)^2) smoothed by the blur (ours)
+        eta = torch.randn(imgs.shape, generator=torch.Generator().manual_seed(seed)) * 0.35 * eps
+        x = imgs * (1 + blur(eta, eps))
+    return x.clamp(0, 1) * fans

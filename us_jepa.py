@@ -27,13 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from us_data import UserError, Images, probe_data
+from us_data import UserError, Images, probe_data, corrupt, CORRUPTIONS
 from us_util import (require, parse_flags, check_numbers, check_train_flags, check_probe_flags,
                      save_atomic, load_file, weights_sha256, claim_out, writable_file,
                      setup_distributed, say, peak_flops, Meter, precision, print_tables,
                      timm_vit_state, run_command, run_folder, clear_run, resumable,
                      select_kernels, step_flops, mean_std, finish, save_json, process_mean,
-                     rankme, summarize, knn_votes, load_run_file, describe, probe_tasks)
+                     rankme, summarize, knn_votes, load_run_file, describe, probe_tasks,
+                     whitening)
 
 # --------------------------------------------------------------------------------------------------
 # Config: small dataclasses; the command line is generated from them; stored in every checkpoint.
@@ -87,7 +88,9 @@ class TrainConfig:
     clip: float = 1.0               # gradient-norm clip, 0 = off (not stated in US-JEPA)
     loss: str = "smooth_l1"         # smooth_l1 (paper) | l1 (SALT) | l2
     beta: float = 1.0               # Smooth-L1 transition point (not stated; torch's default)
-    teacher_std: bool = True        # standardise teacher features per channel, measured once (ours)
+    teacher_std: bool = True        # remove the teacher features' statistics, measured once (ours)
+    whiten: float = 0.0             # > 0: ZCA, eigenvalues floored at this x top; 0: per channel
+    target_layers: int = 1          # SALT target: mean of the teacher's last N blocks (SALT: 1)
     pix_pool: int = 4               # stage 1 regresses patches average-pooled by this (1 = MAE's)
     log_every: int = 50             # steps between log lines
     eval_every: int = 100           # steps between held-out evaluations (best.pt) and checkpoints
@@ -504,18 +507,27 @@ def build_models(cfg, kind, teacher, gather):
     out_dim = teacher.dim if kind == "student" else (m.patch_size // t.pix_pool) ** 2
     head = Predictor(encoder.grid, encoder.dim, m.pred_dim, m.pred_depth, m.pred_heads, out_dim,
                      gather)
-    g, tg = encoder.grid, (teacher or encoder).grid
+    g, tg, n = encoder.grid, (teacher or encoder).grid, len((teacher or encoder).blocks)
     require(tg == g, f"teacher sees a {tg}x{tg} patch grid, the student {g}x{g}: use the teacher's"
             " --img_size and --patch_size")
+    require(t.target_layers <= n, f"--target_layers {t.target_layers}: the teacher has {n} blocks")
     return encoder, head, teacher
 
+def teacher_targets(teacher, img, n=1):
+    """What SALT regresses: the teacher's last n blocks, each through its final norm, averaged
+    (n > 1 is ours, as data2vec averages layers). -> (B, N, Dt)"""
+    return teacher(img, layers=n).unflatten(-1, (n, -1)).mean(-2)
+
 @torch.no_grad()
-def teacher_stats(teacher, images, n_train, device):
-    """Fixed per-channel statistics of the frozen teacher on up to 1024 training images (ours):
-    without them ~70 % of the layer-normed target was one constant vector (measured); the student
-    learnt it in 100 steps and the probe stayed at chance. -> mean, std (Dt,) each"""
-    f = torch.cat([teacher(images[range(i, min(i + 256, n_train))][0].to(device))
-                   for i in range(0, min(1024, n_train), 256)])  # (n, N, Dt)
+def teacher_stats(teacher, images, n_train, device, n=1, floor=0.0):
+    """Fixed statistics of the frozen teacher's targets on up to 1024 training images (ours):
+    without them ~70 % of the layer-normed target was one constant vector (measured) and the probe
+    stayed at chance. floor > 0: ZCA whitening (us_util.whitening); per channel, one direction
+    still holds most of the variance. -> mean (Dt,), std (Dt,) or the whitening matrix (Dt, Dt)"""
+    f = torch.cat([teacher_targets(teacher, images[range(i, min(i + 256, n_train))][0].to(device),
+                                   n) for i in range(0, min(1024, n_train), 256)])  # (n, N, Dt)
+    if floor > 0:
+        return whitening(f.flatten(0, 1), floor)
     return f.mean((0, 1)), f.std((0, 1)) + 1e-6
 
 def make_optimizer(encoder, head, t, fused):
@@ -533,8 +545,9 @@ def step_loss(kind, cfg, stats, salt, amp, enc, head, teacher, img, ctx, tgt):
         pred = head(z, ctx, tgt)  # (M*B, Kt, out_dim)
         if kind == "teacher":
             return mae_loss(pred, img, tgt, p, t.pix_pool), z
-        with torch.no_grad():
-            feats = (teacher(img) - stats[0]) / stats[1]  # (B, N, Dt): the teacher sees all of img
+        with torch.no_grad():  # the teacher sees all of img; its fixed statistics removed
+            feats = teacher_targets(teacher, img, t.target_layers) - stats[0]  # (B, N, Dt)
+            feats = feats @ stats[1] if stats[1].ndim == 2 else feats / stats[1]
         return salt(pred, feats, tgt, t.loss, t.beta), z
 
 def build_run(cfg, kind, teacher=None, teacher_ck=None):
@@ -554,9 +567,9 @@ def build_run(cfg, kind, teacher=None, teacher_ck=None):
     images = Images(d, t.seed, m.patch_size, say)  # one cache, shared by every rank and worker
     n_train = len(images) - int(len(images) * d.holdout)  # the last images: held out for best.pt
     require(n_train >= t.batch_size, f"{n_train} training images < --batch_size {t.batch_size}")
-    stats = (0.0, 1.0)
+    stats = (0.0, torch.tensor(1.0))
     if teacher is not None and t.teacher_std and not ema:  # an EMA target moves: I-JEPA has none
-        stats = teacher_stats(teacher, images, n_train, device)
+        stats = teacher_stats(teacher, images, n_train, device, t.target_layers, t.whiten)
     opt, params = make_optimizer(encoder, head, t, fused=device.type == "cuda")
     amp, said = precision(device, t.bf16)
     r = types.SimpleNamespace(
@@ -755,10 +768,11 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
         head, epochs = train_head(xtr, ytr, feats["val"], labels["val"], n_classes, seed, p)
     with torch.no_grad():
         pred = head(feats["test"]).argmax(1)
+        val = sum(f1_scores(head(feats["val"]).argmax(1), labels["val"], n_classes)) / n_classes
         corrupted = {k[5:]: sum(f1_scores(head(v).argmax(1), labels["test"], n_classes)) / n_classes
                      for k, v in feats.items() if k.startswith("test/")}
     per_class = f1_scores(pred, labels["test"], n_classes)
-    return dict(macro_f1=sum(per_class) / n_classes, per_class_f1=per_class, epochs=epochs,
+    return dict(macro_f1=sum(per_class) / n_classes, per_class_f1=per_class, epochs=epochs, val=val,
                 accuracy=(pred == labels["test"]).float().mean().item(), corrupted=corrupted)
 
 def train_head(xtr, ytr, xval, yval, n_classes, seed, p):
@@ -873,8 +887,8 @@ def run_probe(p):
 
 # --------------------------------------------------------------------------------------------------
 # The protocol's extras (issue 4): what the paper's evaluation needs beyond the core, and what it
-# left out: external teachers, the attentive probe, few-shot subsets, test-time corruptions. The
-# method above reads without them; they run only when a flag asks.
+# left out: external teachers, the attentive probe, few-shot subsets (the test-time corruptions of
+# images are in us_data.py). The method above reads without them; they run only when a flag asks.
 
 def external_teacher(sd, path, img_size):
     """A timm-style ViT state dict (e.g. an ultrasound foundation model) -> (ViT, its entry); the
@@ -912,28 +926,6 @@ def stratified(labels, percent, seed):
     keep = [g.permutation(np.flatnonzero(labels == c))[:max(1, round(percent / 100 * n))]
             for c, n in counts]
     return np.sort(np.concatenate(keep))
-
-CORRUPTIONS = ("blur", "contrast", "speckle")
-
-def blur(x, eps):
-    """Separable Gaussian blur of (N, 1, S, S): sigma = eps, 2*floor(2 eps) + 1 taps."""
-    r = int(2 * eps)
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / eps) ** 2)
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1))
-    return F.conv2d(x, k.view(1, 1, -1, 1))
-
-def corrupt(imgs, fans, kind, eps, seed=0):
-    """The paper's test-time corruptions (method notes 7) of (N, 1, S, S) images in [0, 1]."""
-    if kind == "blur":
-        x = blur(imgs, eps)
-    elif kind == "contrast":  # toward the median inside the fan: alpha 0.7, 0.5, 0.3
-        m = torch.stack([x[f].median() if f.any() else x.median() for x, f in zip(imgs, fans)])
-        x = m.view(-1, 1, 1, 1) + (0.9 - 0.2 * eps) * (imgs - m.view(-1, 1, 1, 1))
-    else:  # correlated multiplicative speckle: eta ~ N(0, (0.35 eps)^2) smoothed by the blur (ours)
-        eta = torch.randn(imgs.shape, generator=torch.Generator().manual_seed(seed)) * 0.35 * eps
-        x = imgs * (1 + blur(eta, eps))
-    return x.clamp(0, 1) * fans
 
 # --------------------------------------------------------------------------------------------------
 # Command line.

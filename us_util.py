@@ -81,10 +81,10 @@ LOWEST = dict(img_size=1, n_images=1, depth=1, patch_size=1, pred_depth=1, pred_
               n_targets=1, tau=1, steps=1, epochs=0, batch_size=1, lr=1e-12, start_lr=0, final_lr=0,
               warmup=0, clip=0, beta=1e-12, pix_pool=1, log_every=1, eval_every=1, seed=0,
               threads=0, workers=0, every=1, min_keep=1, seeds=1, patience=1, n_train=1, n_val=1,
-              n_test=1, layers=1, severity=0, max_bad=0, holdout=0, wd=0)
+              n_test=1, layers=1, severity=0, max_bad=0, holdout=0, wd=0, whiten=0, target_layers=1)
 # The largest that make sense (2048 px: 16k tokens at patch 16); stored configs are held to them.
 HIGHEST = dict(img_size=2048, warmup=1, max_bad=1, depth=64, pred_depth=64, pred_dim=8192,
-               pred_heads=128, patch_size=64)
+               pred_heads=128, patch_size=64, whiten=1, target_layers=64)
 
 
 def check_numbers(*sections):
@@ -510,12 +510,22 @@ def mean_std(v):
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
 
+def whitening(f, floor):
+    """ZCA whitening of features f (n, D), in float64 -> mean (D,), W (D, D): (f - mean) @ W has
+    unit variance along every direction whose variance is well above floor x the largest; weaker
+    ones are scaled as if they had that floor's variance, so noise is not blown up."""
+    f = f.double()
+    lam, vec = torch.linalg.eigh(torch.cov(f.T))
+    lam = lam.clamp(min=0) + floor * lam.max()
+    return f.mean(0).float(), (vec / lam.sqrt() @ vec.T).float()
+
 def summarize(runs, few_shot):
     """One encoder's probe runs (one per seed) -> its results: means, std, per class, corrupted."""
     f1 = torch.tensor([r["macro_f1"] for r in runs])
     corrupted = {k: mean_std([r["corrupted"][k] for r in runs]) for k in runs[0]["corrupted"]}
     std = f1.std().item() if len(runs) > 1 else 0.0
     return dict(macro_f1_mean=f1.mean().item(), macro_f1_std=std,
+                val_macro_f1_mean=float(np.mean([r["val"] for r in runs])),  # choose on this
                 accuracy_mean=float(np.mean([r["accuracy"] for r in runs])),
                 per_class_f1_mean=np.mean([r["per_class_f1"] for r in runs], 0).tolist(), runs=runs,
                 corrupted=corrupted, few_shot=few_shot)

@@ -49,6 +49,61 @@ def test_probe_with_the_knn_head(tmp_path, capsys):
     res = json.load(open(tmp_path / "knn.json"))["results"]["pixels"]
     assert res["runs"][0]["epochs"] == 0 and res["macro_f1_std"] == 0.0  # nothing trained: seeds agree
     assert 0.0 <= res["macro_f1_mean"] <= 1.0
+    assert 0.0 <= res["val_macro_f1_mean"] <= 1.0  # what a recipe may be chosen on (never the test)
+
+
+def test_validation_score_is_the_heads_score_on_the_validation_split():
+    """fit_probe's `val` is macro-F1 on the validation split: a probe scored on a test split equal to
+    its validation split gives the same number twice."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    x = torch.randn(90, 8, generator=g) + torch.nn.functional.one_hot(y, 8) * 6
+    feats, labels = {"train": x[:60], "val": x[60:], "test": x[60:]}, {"train": y[:60], "val": y[60:], "test": y[60:]}
+    r = U.fit_probe(feats, labels, 3, 0, U.ProbeConfig(lr=1e-2))
+    assert r["val"] == pytest.approx(r["macro_f1"]) and r["val"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# The SALT target's options (issue 13's recipe search): the teacher's last N blocks averaged, ZCA whitening.
+
+def test_teacher_targets_average_the_last_blocks():
+    vit = U.ViT(32, 16, "vit_tiny", depth=3).eval()
+    img = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(U.teacher_targets(vit, img, 1), vit(img))  # SALT's target, unchanged
+        two = vit(img, layers=2)  # the last two blocks, each normed, side by side
+        assert torch.allclose(U.teacher_targets(vit, img, 2), (two[..., :192] + two[..., 192:]) / 2)
+
+
+def test_whitening_gives_unit_variance_above_the_floor():
+    """Features with one dominant direction (as the teacher's: effective rank ~1.5): whitened, every direction
+    whose variance is far above the floor has variance ~1; one far below it is scaled only as far as the floor."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([30.0, 5.0, 2.0, 1.0, 1e-3])
+    basis = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0].float()
+    f = (torch.randn(20000, 5, generator=g) * scales) @ basis.T + 7.0
+    mean, w = us_util.whitening(f, 1e-6)
+    assert torch.allclose(mean, torch.full((5,), 7.0), atol=0.5)
+    cov = torch.cov(((f - mean) @ w).T)
+    assert torch.allclose(torch.linalg.eigvalsh(cov)[1:], torch.ones(4), atol=0.05)  # the four strong ones
+    _, w = us_util.whitening(f, 0.01)  # floor: 1 % of 900 = 9, above the weak directions' 1e-6 .. 25
+    ev = torch.linalg.eigvalsh(torch.cov(((f - mean) @ w).T))
+    assert ev[-1] == pytest.approx(900 / 909, rel=0.05) and ev[0] < 1e-6  # the dominant one ~1; noise stays small
+
+
+def test_pretrain_with_averaged_whitened_targets(tiny_args, tmp_path, capsys):
+    U.main(["teacher", *tiny_args("t")])
+    U.main(["pretrain", *tiny_args("s", extra=["--teacher", str(tmp_path / "t" / "best.pt"), "--target_layers", "2",
+                                               "--whiten", "0.01"])])
+    ck = U.load_checkpoint(str(tmp_path / "s" / "best.pt"))
+    assert ck["config"]["train"]["target_layers"] == 2 and ck["config"]["train"]["whiten"] == 0.01
+    log = [json.loads(x) for x in open(tmp_path / "s" / "log.jsonl")]
+    assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
+    with pytest.raises(SystemExit):  # the teacher has 2 blocks
+        U.main(["pretrain", *tiny_args("s3", extra=["--teacher", str(tmp_path / "t" / "best.pt"), "--target_layers",
+                                                    "3"])])
+    assert "--target_layers 3: the teacher has 2 blocks" in capsys.readouterr().err
+    assert not (tmp_path / "s3").exists()  # refused before the run took --out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -660,6 +660,8 @@ FLAGS = [  # (command, flags, what the line says)
     ("teacher", ["--min_keep", "36"], "--min_keep must be in [1, patches per image)"),
     ("pretrain", ["--pred_heads", "5"], "--pred_dim must be divisible by --pred_heads"),
     ("pretrain", ["--model", ""], "--model : choose one of"),
+    ("pretrain", ["--whiten", "2"], "--whiten 2: must be a finite number in [0, 1]"),
+    ("pretrain", ["--target_layers", "0"], "--target_layers 0: must be a finite number in [1, 64]"),
     ("pretrain", ["--preset", "paper", "--img_size", "100"], "--img_size 100 must be a multiple"),
     ("probe", ["--batch_size", "1"], "--batch_size >= 2"),
     ("probe", ["--n_val", "0"], "--n_* must be >= 1"),
