@@ -89,7 +89,7 @@ class TrainConfig:
     loss: str = "smooth_l1"         # smooth_l1 (paper) | l1 (SALT) | l2
     beta: float = 1.0               # Smooth-L1 transition point (not stated; torch's default)
     teacher_std: bool = True        # remove the teacher features' statistics, measured once (ours)
-    whiten: float = 0.01            # ZCA, eigenvalues floored at this x the top (ours); 0: per channel
+    whiten: float = 0.01            # ZCA, eigenvalues floored at this x top (ours); 0: per channel
     target_layers: int = 1          # SALT target: mean of the teacher's last N blocks (SALT: 1)
     pix_pool: int = 4               # stage 1 regresses patches average-pooled by this (1 = MAE's)
     log_every: int = 50             # steps between log lines
