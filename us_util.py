@@ -161,9 +161,11 @@ def check_probe_flags(p, corruptions):
 def probe_tasks(p):
     """--task's built-in tasks (one with --data: the folder is the task), all checked before any
     runs; --out names one file, so it takes one task."""
-    tasks = [p.task] if p.data else p.task.split(",")
-    bad = [t for t in tasks if t not in TASKS] if not p.data else []
-    require(not bad, f"--task {bad[0] if bad else ''}: choose one of {list(TASKS)}")
+    if p.data:
+        return [p.task]
+    tasks = p.task.split(",")
+    for t in tasks:
+        require(t in TASKS, f"--task {t}: choose one of {list(TASKS)}")
     require(len(tasks) == 1 or not p.out, f"--out {p.out} names one file: give one --task, not "
             f"{p.task}")
     return tasks
