@@ -9,7 +9,7 @@ file; this file never imports us_jepa.py.
   Images          the pretraining images by index (synthetic or files)
   probe_data      the labelled splits of a probe task (built-in, ImageFolder or UltraBench)
 """
-import hashlib, json, math, os, stat, time, warnings
+import hashlib, json, math, os, stat, threading, time, warnings
 
 import numpy as np
 import torch
@@ -603,6 +603,9 @@ def check_size(path, h, w):
         raise UserError(f"{path}: {w} x {h} px, longer than {MAX_ASPECT}:1 (MAX_ASPECT)")
 
 
+HEADER_LOCK = threading.Lock()  # see decode
+
+
 def decode(path, mask=False):
     """An image file (not DICOM) -> (H, W) float32, gray unless 16-bit or float; mask=True: (H, W)
     bool (> 0). Its size is checked from the header before the pixels are decoded; then it is
@@ -612,8 +615,10 @@ def decode(path, mask=False):
     regular_file(path)
     try:
         # Pillow's decompression-bomb warning (above 89 Mpx) would be a second line on stderr:
-        # check_size refuses every such image with a reason of its own.
-        with warnings.catch_warnings():
+        # check_size refuses every such image with a reason of its own. The warning filters are
+        # one process-wide list that catch_warnings saves and restores, so the loader's threads
+        # take turns here: two threads' windows interleaved would leave the filter off.
+        with HEADER_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)  # reads the header only
         with im:
