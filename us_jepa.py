@@ -766,11 +766,13 @@ def fit_probe(feats, labels, n_classes, seed, p, subset=None):
         head, epochs = functools.partial(knn_votes, xtr, ytr, n_classes), 0
     else:
         head, epochs = train_head(xtr, ytr, feats["val"], labels["val"], n_classes, seed, p)
+    def macro_f1(x, y):
+        return sum(f1_scores(head(x).argmax(1), y, n_classes)) / n_classes
     with torch.no_grad():
         pred = head(feats["test"]).argmax(1)
-        val = sum(f1_scores(head(feats["val"]).argmax(1), labels["val"], n_classes)) / n_classes
-        corrupted = {k[5:]: sum(f1_scores(head(v).argmax(1), labels["test"], n_classes)) / n_classes
-                     for k, v in feats.items() if k.startswith("test/")}
+        val = macro_f1(feats["val"], labels["val"])
+        corrupted = {k[5:]: macro_f1(v, labels["test"]) for k, v in feats.items()
+                     if k.startswith("test/")}
     per_class = f1_scores(pred, labels["test"], n_classes)
     return dict(macro_f1=sum(per_class) / n_classes, per_class_f1=per_class, epochs=epochs, val=val,
                 accuracy=(pred == labels["test"]).float().mean().item(), corrupted=corrupted)
