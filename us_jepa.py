@@ -68,7 +68,7 @@ class MaskConfig:
     tgt_aspect: tuple = (0.75, 1.5)  # target block height/width (paper)
     ctx_scale: tuple = (0.85, 1.0)  # context block area / image, before targets are removed (paper)
     min_keep: int = 4               # fewest context patches (paper: 10 of 196; we have 36 patches)
-    place: str = "cover"            # corners: cover (ours: all patches as often) | fit (I-JEPA)
+    place: str = "fit"              # corners: fit (I-JEPA; chosen on val, README) | cover (ours)
     usrc: bool = False              # USrc-JEPA: only patches in the scan fan are context/targets
     tau: int = 2                    # USrc: blocks re-drawn until >= tau valid patches (not stated)
 
