@@ -886,12 +886,12 @@ def open_cache(folder, params, items, keys, synth=None, procs=None, say=print):
         cache, why = _read_index(folder, params)  # someone else may have built it while we waited
         if cache and cache.keys == keys:
             return cache
-        return _build(folder, params, items, keys, synth, procs, cache, why, say)
+        return _build(folder, params, items, keys, synth, procs, cache, why, say, fd)
     finally:
         os.close(fd)  # releases the lock; the opened arrays stay mapped
 
 
-def _build(folder, params, items, keys, synth, procs, old, why, say):
+def _build(folder, params, items, keys, synth, procs, old, why, say, lock_fd):
     """(Re)build under the exclusive lock: rows of unchanged items are copied from the old cache, the rest made."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
@@ -933,8 +933,8 @@ def _build(folder, params, items, keys, synth, procs, old, why, say):
     tic, done, last = time.time(), 0, 0.0
     pool = None  # the build's parallelism is its processes, one thread each
     if procs > 1 and len(jobs) > 1:
-        pool = ProcessPoolExecutor(procs, multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
-                                   initargs=(1,))
+        pool = ProcessPoolExecutor(procs, multiprocessing.get_context("fork"), initializer=_build_process,
+                                   initargs=(lock_fd, os.getpid()))
     results = pool.map(_fill, jobs) if pool else map(_fill, jobs)
     try:
         for res in results:
@@ -955,6 +955,20 @@ def _build(folder, params, items, keys, synth, procs, old, why, say):
                  built=time.strftime("%Y-%m-%d %H:%M:%S"), keys=keys, shape=shape.ravel().tolist(),
                  bad={str(r): why for r, why in sorted(bad.items())})
     return _commit(folder, names, index)
+
+
+def _build_process(lock_fd, builder):
+    """A build process (forked): one thread; it closes its copy of the builder's lock, which stays held by the
+    builder alone, and ends when the builder does. A builder killed by SIGKILL (kill -9, the OOM killer) would
+    otherwise leave its processes waiting for work forever, holding the lock every later run waits on."""
+    torch.set_num_threads(1)
+    os.close(lock_fd)
+
+    def watch():
+        while os.getppid() == builder:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _runs_of(rows, chunk):

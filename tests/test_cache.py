@@ -1,5 +1,5 @@
 """The preprocessing cache: rows equal direct preprocessing bit for bit, a changed / added / removed file is
-re-read, a killed build leaves no cache that loads, concurrent builders and DDP ranks share one build, a corrupt
+re-read, a killed build leaves no cache that loads and no process holding its lock, concurrent builders and DDP ranks share one build, a corrupt
 cache is rebuilt with a warning, the data folder is never written to."""
 import os
 import random
@@ -177,6 +177,65 @@ def test_a_killed_build_leaves_no_cache_that_loads(tmp_path):
     folder = tmp_path / "c" / os.listdir(tmp_path / "c")[0]
     assert sorted(os.listdir(folder)) == sorted(["index.json", "lock", images.cache.index["images"],
                                                  images.cache.index["fans"]])  # the leftovers are gone
+
+
+POOL_BUILD = """import sys; sys.path.insert(0, {root!r})
+import us_data as D
+params = dict(side=64, n=4000, seed=7, task="lesion3")
+D.open_cache({cache!r}, params, list(range(4000)), list(range(4000)), (7, "lesion3"), procs=2)
+"""
+
+
+def children(pid):
+    """The pids whose parent is pid, read from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_a_killed_builders_processes_end_and_free_the_lock(tmp_path):
+    """The builder SIGKILLed (the OOM killer, kill -9) while its build processes work: they must not live on
+    holding the cache lock, or every later run waits for a build that never ends."""
+    code = POOL_BUILD.format(root=ROOT, cache=str(tmp_path / "c"))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in p.stdout:  # the first progress line: the build processes are at work
+        if line.startswith("[cache] ") and "/4000 images" in line:
+            break
+    kids = children(p.pid)
+    assert len(kids) == 2, (kids, line)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    import fcntl
+    fd = os.open(tmp_path / "c" / "lock", os.O_RDWR)
+    deadline = time.time() + 30
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            assert time.time() < deadline, "a killed builder's processes still hold the cache lock after 30 s"
+            time.sleep(0.1)
+    os.close(fd)
+    while any(alive(k) for k in kids):
+        assert time.time() < deadline, "a killed builder's processes outlive it by 30 s"
+        time.sleep(0.1)
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
 
 
 def test_two_concurrent_builders_share_one_build(tmp_path):
