@@ -1,6 +1,6 @@
 """The preprocessing cache: rows equal direct preprocessing bit for bit, a changed / added / removed file is
-re-read, a killed build leaves no cache that loads and no process holding its lock, concurrent builders and DDP ranks share one build, a corrupt
-cache is rebuilt with a warning, the data folder is never written to."""
+re-read, a killed build leaves no cache that loads and no process holding its lock, concurrent builders and
+DDP ranks share one build, a corrupt cache is rebuilt with a warning, the data folder is never written to."""
 import os
 import random
 import signal
