@@ -315,10 +315,14 @@ def newest_checkpoint(out, load):
 
 
 def differences(was, now, keep=()):
-    """Two configs {section: {flag: value}} -> {--flag: [was, now]} for flags not in `keep`."""
+    """Two configs {section: {flag: value}} -> {--flag: [was, now]} for flags not in `keep`. A flag
+    that a checkpoint from an older version did not record counts as changed: its default today
+    (e.g. --place, --whiten) need not be what that run used."""
     was, now = json.loads(json.dumps(was)), json.loads(json.dumps(now))  # tuples -> lists
-    return {f"--{key}": [value, now[s].get(key)] for s in was for key, value in was[s].items()
-            if key not in keep and now[s].get(key) != value}
+    pairs = {(s, key): None for c in (was, now) for s in c for key in c[s]}  # in order, once each
+    old = {k: was.get(k[0], {}).get(k[1], "not recorded") for k in pairs}
+    new = {k: now.get(k[0], {}).get(k[1], "not recorded") for k in pairs}
+    return {f"--{k[1]}": [old[k], new[k]] for k in pairs if k[1] not in keep and old[k] != new[k]}
 
 
 def resumable(out, kind, config, keep, sha, force, load):

@@ -239,6 +239,25 @@ def test_resume_refuses_another_run_unless_forced(tmp_path, capsys):
     assert U.load_checkpoint(str(out / "last.pt"))["step"] == 4
 
 
+def test_resume_refuses_a_checkpoint_that_did_not_record_a_flag(tmp_path, capsys):
+    """A checkpoint from before a flag existed (--place came with issue 13, and its default changed since)
+    does not say what that run used: resuming it under today's default would change the run unseen."""
+    out = tmp_path / "run"
+    flags = ["teacher", *TINY, "--steps", "2", "--eval_every", "2", "--out", str(out)]
+    U.main(flags)
+    ck = U.load_checkpoint(str(out / "last.pt"))
+    section = next(s for s, c in ck["config"].items() if "place" in c)
+    del ck["config"][section]["place"]  # as an older version wrote it
+    torch.save(ck, out / "last.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        U.main(flags + ["--resume"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--place fit (was not recorded)" in err, err
+    U.main(flags + ["--steps", "3", "--resume", "force"])
+    assert U.load_checkpoint(str(out / "last.pt"))["step"] == 3
+
+
 def test_resume_checks_the_teacher_is_the_same(tmp_path, capsys):
     for seed in (0, 1):
         U.main(["teacher", *TINY, "--steps", "1", "--eval_every", "1", "--seed", str(seed),
