@@ -1,6 +1,7 @@
 """The preprocessing cache: rows equal direct preprocessing bit for bit, a changed / added / removed file is
 re-read, a killed build leaves no cache that loads and no process holding its lock, concurrent builders and
 DDP ranks share one build, a corrupt cache is rebuilt with a warning, the data folder is never written to."""
+import fcntl
 import os
 import random
 import signal
@@ -186,18 +187,24 @@ D.open_cache({cache!r}, params, list(range(4000)), list(range(4000)), (7, "lesio
 """
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def children(pid):
-    """The pids whose parent is pid, read from /proc."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            kids.append(int(entry))
-    return kids
+    """The pids whose parent is pid."""
+    stats = {int(e): proc_stat(e) for e in os.listdir("/proc") if e.isdigit()}
+    return [k for k, f in stats.items() if f and int(f[1]) == pid]
+
+
+def alive(pid):
+    f = proc_stat(pid)
+    return f is not None and f[0] != "Z"  # a zombie has ended
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
@@ -214,7 +221,6 @@ def test_a_killed_builders_processes_end_and_free_the_lock(tmp_path):
     assert len(kids) == 2, (kids, line)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    import fcntl
     fd = os.open(tmp_path / "c" / "lock", os.O_RDWR)
     deadline = time.time() + 30
     while True:
@@ -228,14 +234,6 @@ def test_a_killed_builders_processes_end_and_free_the_lock(tmp_path):
     while any(alive(k) for k in kids):
         assert time.time() < deadline, "a killed builder's processes outlive it by 30 s"
         time.sleep(0.1)
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except OSError:
-        return False
 
 
 def test_two_concurrent_builders_share_one_build(tmp_path):

@@ -1,4 +1,5 @@
 """The multi-block sampler: I-JEPA's contract (shapes, disjointness, equal lengths) with its four defects fixed."""
+import dataclasses
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import us_jepa as U
 
 DEMO = U.MaskConfig()
 PAPER = U.MaskConfig(tgt_scale=(0.075, 0.125), min_keep=10)
-COVER, PAPER_COVER = U.MaskConfig(place="cover"), U.MaskConfig(tgt_scale=(0.075, 0.125), min_keep=10, place="cover")
+COVER, PAPER_COVER = (dataclasses.replace(c, place="cover") for c in (DEMO, PAPER))
 
 
 @pytest.mark.parametrize("grid,cfg", [(6, DEMO), (14, PAPER), (8, PAPER)])
